@@ -1,0 +1,29 @@
+"""trl_sharpen: self-improvement by sharpening for Hugging Face TRL.
+
+Implements Huang et al., "Self-Improvement in Language Models: The Sharpening Mechanism" (ICLR 2025,
+arXiv 2412.01951): the base model's own sequence log-probability is the reward.
+"""
+
+__version__ = "0.1.0"
+
+from .answers import answers_match, extract_answer
+from .best_of_n import best_of_n
+from .data import load_prompts
+from .generation import generate_completions
+from .logprobs import completion_mask_from_eos, sequence_logprobs
+from .self_rewards import SELF_REWARDS, SelfReward, get_self_reward, register_self_reward
+
+
+__all__ = [
+    "SELF_REWARDS",
+    "SelfReward",
+    "answers_match",
+    "best_of_n",
+    "completion_mask_from_eos",
+    "extract_answer",
+    "generate_completions",
+    "get_self_reward",
+    "load_prompts",
+    "register_self_reward",
+    "sequence_logprobs",
+]

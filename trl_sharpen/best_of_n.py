@@ -1,0 +1,442 @@
+"""Inference-time Best-of-N sharpening (Huang et al. 2025, App. C): sample N completions per prompt from the base
+model, score them with a self-reward, keep the best.
+
+    >>> from trl_sharpen import best_of_n
+    >>> dataset = best_of_n(model, tokenizer, prompts, num_samples=16, self_reward="logprob", output_dir="bon")
+
+Expensive work is never lost: with an `output_dir`, results are written shard by shard as they are produced, and a
+run restarted with the same arguments skips the shards already on disk. Under several processes (`accelerate launch`)
+the shards are split across ranks; every prompt is generated exactly once. The result is a `datasets.Dataset` (saved
+with `save_to_disk` in `output_dir`) holding, per prompt, the input columns plus:
+
+| column                    | content                                                                            |
+|---------------------------|------------------------------------------------------------------------------------|
+| `prompt_index`            | position of the prompt in the input                                                |
+| `prompt_ids`              | the prompt's token ids (chat template applied for conversational prompts)          |
+| `completions`             | the sampled completions, decoded without special tokens                            |
+| `completion_ids`          | their exact token ids, ending with EOS unless truncated                            |
+| `base_logprobs`           | log pi_base(y|x) of each completion                                                |
+| `rewards`                 | the self-reward of each completion (with the truncation penalty, if any)           |
+| `truncated`               | whether the completion hit `max_new_tokens` without EOS                            |
+| `num_samples`             | completions drawn for this prompt (below N when adaptive sampling stopped early)   |
+| `selected_index`          | argmax of `rewards` (-1 when every completion was dropped)                         |
+| `selected_completion`     | that completion (text), `selected_completion_ids` its ids, `selected_reward` its reward |
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
+from tqdm.auto import tqdm
+
+from .data import ensure_pad_token, model_max_length, tokenize_prompts, validate_prompt_dataset
+from .fingerprints import model_fingerprint, tokenizer_fingerprint
+from .generation import Completions, build_generation_config, generate_completions
+from .self_rewards import SelfReward, get_self_reward
+
+
+logger = logging.getLogger(__name__)
+
+TRUNCATION_POLICIES = ("keep", "penalize", "drop")
+RUN_FILE = "bon_run.json"
+SHARDS_DIR = "shards"
+
+BON_FEATURES = Features(
+    {
+        "prompt_index": Value("int64"),
+        "prompt_ids": List(Value("int32")),
+        "completions": List(Value("string")),
+        "completion_ids": List(List(Value("int32"))),
+        "base_logprobs": List(Value("float64")),
+        "rewards": List(Value("float64")),
+        "truncated": List(Value("bool")),
+        "num_samples": Value("int64"),
+        "selected_index": Value("int64"),
+        "selected_completion": Value("string"),
+        "selected_completion_ids": List(Value("int32")),
+        "selected_reward": Value("float64"),
+    }
+)
+
+# Computes log pi_base(y|x) for (prompt_ids, completion_ids) pairs, when the sampler is not the base model
+BaseLogprobsFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Sequence[float]]
+
+
+def adaptive_stopping_index(logprobs: Sequence[float], mu: float) -> int | None:
+    """The adaptive sample size of Huang et al. (2025), App. D, for one prompt:
+
+        N_mu = min { k : 1 / max_{j<=k} pi_base(y_j|x) <= k / mu },   mu = ln(2 / delta),
+
+    i.e. the first k with log(k) + max_{j<=k} log pi_base(y_j|x) >= log(mu). Returns None if no k in the samples
+    so far qualifies.
+    """
+    best = -math.inf
+    for k, logprob in enumerate(logprobs, start=1):
+        best = max(best, logprob)
+        if math.log(k) + best >= math.log(mu):
+            return k
+    return None
+
+
+def select_best(
+    rewards: Sequence[float], truncated: Sequence[bool], truncated_policy: str, truncation_penalty: float
+) -> tuple[int, list[float]]:
+    """Argmax over the rewards after the truncation policy (first maximum on ties; -1 if all were dropped)."""
+    rewards = [
+        r - truncation_penalty if (cut and truncated_policy == "penalize") else r
+        for r, cut in zip(rewards, truncated, strict=True)
+    ]
+    eligible = [i for i, cut in enumerate(truncated) if not (cut and truncated_policy == "drop")]
+    if not eligible:
+        return -1, rewards
+    return max(eligible, key=lambda i: rewards[i]), rewards
+
+
+def validate_best_of_n_args(num_samples: int, truncated_policy: str, adaptive_delta: float | None) -> None:
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1 (got {num_samples}): Best-of-N needs N >= 1 samples.")
+    if truncated_policy not in TRUNCATION_POLICIES:
+        raise ValueError(f"Unknown truncated-completion policy {truncated_policy!r}; use one of {TRUNCATION_POLICIES}.")
+    if adaptive_delta is not None and not 0.0 < adaptive_delta < 1.0:
+        raise ValueError(f"adaptive_delta must be in (0, 1), got {adaptive_delta}.")
+
+
+class _ShardWriter:
+    """Shard files under `output_dir/shards`, each written atomically (temporary folder, then rename)."""
+
+    def __init__(self, output_dir: Path | None, run: dict, overwrite: bool):
+        self.output_dir = output_dir
+        if output_dir is None:
+            return
+        self.shards_dir = output_dir / SHARDS_DIR
+        state = PartialState()
+        if state.is_main_process:
+            run_file = output_dir / RUN_FILE
+            if run_file.exists() and overwrite:
+                shutil.rmtree(self.shards_dir, ignore_errors=True)
+            elif run_file.exists():
+                previous = json.loads(run_file.read_text())
+                changed = {k: (previous.get(k), v) for k, v in run.items() if previous.get(k) != v}
+                if changed:
+                    details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+                    raise ValueError(
+                        f"{output_dir} holds Best-of-N results generated with other arguments ({details}). Use "
+                        "another output_dir, or pass overwrite=True (--overwrite) to discard them."
+                    )
+            self.shards_dir.mkdir(parents=True, exist_ok=True)
+            run_file.write_text(json.dumps(run, indent=2))
+        state.wait_for_everyone()
+
+    def path(self, shard: int) -> Path:
+        return self.shards_dir / f"shard-{shard:05d}"
+
+    def done(self, shard: int) -> bool:
+        return self.output_dir is not None and (self.path(shard) / "state.json").exists()
+
+    def write(self, shard: int, dataset: Dataset) -> None:
+        if self.output_dir is None:
+            return
+        tmp = self.shards_dir / f".tmp-shard-{shard:05d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        dataset.save_to_disk(str(tmp))
+        os.replace(tmp, self.path(shard))
+
+    def read(self, shard: int) -> Dataset:
+        return load_from_disk(str(self.path(shard)))
+
+
+def best_of_n(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Dataset | Sequence,
+    num_samples: int = 16,
+    self_reward: str | Callable | SelfReward = "logprob",
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 256,
+    generation_batch_size: int = 64,
+    truncated_completions: str = "keep",
+    truncation_penalty: float = 100.0,
+    adaptive_delta: float | None = None,
+    adaptive_round_size: int = 4,
+    answer_extractor: str | Callable | None = None,
+    prompt_column: str = "prompt",
+    base_logprobs_fn: BaseLogprobsFn | None = None,
+    output_dir: str | os.PathLike | None = None,
+    shard_size: int = 64,
+    overwrite: bool = False,
+    seed: int = 0,
+    synced_gpus: bool | None = None,
+    progress: bool = True,
+) -> Dataset:
+    """Best-of-N sharpening: for each prompt sample N completions, score them with a self-reward, select the argmax.
+
+    Args:
+        model: the model to sample from. By default it is also pi_base, whose log-probabilities are then taken
+            from the generation step itself (no second forward pass).
+        tokenizer: its tokenizer (a pad token is set to EOS, with a warning, when missing).
+        prompts: a prompt-only `Dataset` (standard or conversational `prompt` column; other columns are kept), or a
+            list of prompts (strings or message lists).
+        num_samples: N, completions per prompt (the maximum N under adaptive sampling).
+        self_reward: registry name (`logprob`, `normalized_logprob`, `majority`), callable, or `SelfReward`.
+        temperature, top_p, top_k: sampling parameters (defaults: plain sampling from pi_base, as in the paper).
+        max_new_tokens: completion length limit; completions that reach it without EOS are *truncated*.
+        generation_batch_size: sequences per `generate` call.
+        truncated_completions: `keep` (select as usual), `penalize` (subtract `truncation_penalty` from their
+            reward) or `drop` (never select them).
+        adaptive_delta: enables adaptive sampling (App. D) with mu = ln(2 / delta): a prompt stops as soon as
+            1 / max_j pi_base(y_j|x) <= k / mu after k samples, at most `num_samples`.
+        adaptive_round_size: samples drawn per still-active prompt per round of adaptive sampling.
+        answer_extractor: for `majority`: callable or `"module:function"` (default: last number or `\\boxed{}`).
+        base_logprobs_fn: computes log pi_base(y|x) when `model` is not the base (e.g. sampling from a policy).
+        output_dir: write shards and the final dataset here, and resume from it.
+        shard_size: prompts per shard (the unit of resumption and of the split across ranks).
+        overwrite: discard results in `output_dir` generated with other arguments instead of refusing.
+        seed: sampling seed; each shard uses `seed + shard index`, so results do not depend on the number of ranks.
+        synced_gpus: forwarded to `generate` (False when ZeRO-3 parameters are already gathered).
+    """
+    validate_best_of_n_args(num_samples, truncated_completions, adaptive_delta)
+    if not isinstance(prompts, Dataset):
+        validate_prompt_dataset(prompts)
+        prompts = Dataset.from_dict({prompt_column: list(prompts)})
+    validate_prompt_dataset(prompts, prompt_column)
+    ensure_pad_token(tokenizer)
+    reward = get_self_reward(self_reward, answer_extractor=answer_extractor, model=model, tokenizer=tokenizer)
+    generation_config = build_generation_config(
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=_eos_token_ids(model, tokenizer),
+    )
+    prompt_ids = tokenize_prompts(
+        tokenizer, prompts[prompt_column], max_new_tokens=max_new_tokens, max_length=model_max_length(model)
+    )
+    output_dir = Path(output_dir) if output_dir is not None else None
+    run = {
+        "model": model_fingerprint(model),
+        "model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "prompts": prompts._fingerprint,
+        "num_prompts": len(prompts),
+        "num_samples": num_samples,
+        "self_reward": reward.name,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "max_new_tokens": max_new_tokens,
+        "truncated_completions": truncated_completions,
+        "truncation_penalty": truncation_penalty,
+        "adaptive_delta": adaptive_delta,
+        "adaptive_round_size": adaptive_round_size if adaptive_delta is not None else None,
+        "base_model_is_sampler": base_logprobs_fn is None,
+        "shard_size": shard_size,
+        "seed": seed,
+    }
+    writer = _ShardWriter(output_dir, run, overwrite)
+    features = Features({**prompts.features, **BON_FEATURES})
+
+    state = PartialState()
+    num_shards = math.ceil(len(prompts) / shard_size)
+    my_shards = [s for s in range(state.process_index, num_shards, state.num_processes) if not writer.done(s)]
+    my_prompts = sum(min(shard_size, len(prompts) - s * shard_size) for s in my_shards)
+    bar = tqdm(
+        total=my_prompts * num_samples,
+        desc="Best-of-N sampling",
+        unit="sample",
+        disable=not progress or not state.is_local_main_process,
+    )
+    was_training = model.training
+    model.eval()
+    local_rows = []
+    try:
+        for shard in my_shards:
+            indices = list(range(shard * shard_size, min((shard + 1) * shard_size, len(prompts))))
+            with torch.random.fork_rng(devices=_rng_devices(model)):
+                torch.manual_seed(seed + shard)
+                rows = _best_of_n_shard(
+                    model,
+                    tokenizer,
+                    prompts.select(indices),
+                    prompt_column,
+                    indices,
+                    [prompt_ids[i] for i in indices],
+                    reward,
+                    generation_config,
+                    num_samples=num_samples,
+                    batch_size=generation_batch_size,
+                    truncated_policy=truncated_completions,
+                    truncation_penalty=truncation_penalty,
+                    adaptive_delta=adaptive_delta,
+                    adaptive_round_size=adaptive_round_size,
+                    base_logprobs_fn=base_logprobs_fn,
+                    synced_gpus=synced_gpus,
+                    progress=bar,
+                )
+            with _quiet_datasets():
+                writer.write(shard, Dataset.from_list(rows, features=features))
+            local_rows.extend(rows)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    if output_dir is None:
+        rows = local_rows if state.num_processes == 1 else gather_object(local_rows)
+        return Dataset.from_list(sorted(rows, key=lambda r: r["prompt_index"]), features=features)
+    state.wait_for_everyone()
+    with _quiet_datasets():
+        if state.is_main_process:
+            result = concatenate_datasets([writer.read(s) for s in range(num_shards)])
+            result.save_to_disk(str(output_dir))
+        state.wait_for_everyone()
+        return load_from_disk(str(output_dir))
+
+
+def _best_of_n_shard(
+    model,
+    tokenizer,
+    shard_prompts: Dataset,
+    prompt_column: str,
+    indices: list[int],
+    prompt_ids: list[list[int]],
+    reward: SelfReward,
+    generation_config,
+    *,
+    truncated_policy: str,
+    truncation_penalty: float,
+    **sampling,
+) -> list[dict]:
+    samples = _sample(model, prompt_ids, generation_config, **sampling)
+    texts = [tokenizer.batch_decode(ids, skip_special_tokens=True) for ids, _, _ in samples]
+    # Score all completions of the shard in one call; `group_ids` tells group-wise rewards (majority) the prompts apart
+    group_ids = [p for p, (ids, _, _) in enumerate(samples) for _ in ids]
+    prompt_values = shard_prompts[prompt_column]
+    all_rewards = reward(
+        [prompt_values[p] for p in group_ids],
+        [text for prompt_texts in texts for text in prompt_texts],
+        [ids for prompt_ids_, _, _ in samples for ids in prompt_ids_],
+        base_logprobs=[lp for _, logprobs, _ in samples for lp in logprobs],
+        group_ids=group_ids,
+    )
+    rows, offset = [], 0
+    for p, ((ids, logprobs, truncated), prompt_texts) in enumerate(zip(samples, texts, strict=True)):
+        rewards = all_rewards[offset : offset + len(ids)]
+        offset += len(ids)
+        selected, effective = select_best(rewards, truncated, truncated_policy, truncation_penalty)
+        row = dict(shard_prompts[p])
+        row.update(
+            prompt_index=indices[p],
+            prompt_ids=prompt_ids[p],
+            completions=prompt_texts,
+            completion_ids=ids,
+            base_logprobs=logprobs,
+            rewards=effective,
+            truncated=truncated,
+            num_samples=len(ids),
+            selected_index=selected,
+            selected_completion=prompt_texts[selected] if selected >= 0 else None,
+            selected_completion_ids=ids[selected] if selected >= 0 else None,
+            selected_reward=effective[selected] if selected >= 0 else None,
+        )
+        rows.append(row)
+    return rows
+
+
+def _sample(
+    model,
+    prompt_ids,
+    generation_config,
+    *,
+    num_samples,
+    batch_size,
+    adaptive_delta,
+    adaptive_round_size,
+    base_logprobs_fn,
+    synced_gpus,
+    progress,
+) -> list[tuple[list[list[int]], list[float], list[bool]]]:
+    """Per prompt: (completion ids, base log-probs, truncated flags), N each or fewer under adaptive sampling."""
+    per_prompt = [([], [], []) for _ in prompt_ids]
+    active = list(range(len(prompt_ids)))
+    mu = math.log(2 / adaptive_delta) if adaptive_delta is not None else None
+    while active:
+        draw = num_samples if mu is None else min(adaptive_round_size, num_samples - len(per_prompt[active[0]][0]))
+        completions = generate_completions(
+            model,
+            [prompt_ids[p] for p in active],
+            generation_config,
+            num_samples=draw,
+            batch_size=batch_size,
+            record_logprobs=base_logprobs_fn is None,
+            synced_gpus=synced_gpus,
+            progress=progress,
+        )
+        logprobs = _base_logprobs(completions, [prompt_ids[p] for p in active], base_logprobs_fn)
+        for row, local in enumerate(completions.prompt_index):
+            ids, lps, cut = per_prompt[active[local]]
+            ids.append(completions.completion_ids[row])
+            lps.append(logprobs[row])
+            cut.append(completions.truncated[row])
+        if mu is None:
+            break
+        still_active = []
+        for p in active:
+            ids, lps, cut = per_prompt[p]
+            stop = adaptive_stopping_index(lps, mu)
+            if stop is not None:
+                if progress is not None:
+                    progress.update(num_samples - len(ids))  # the samples this prompt will not need
+                del ids[stop:], lps[stop:], cut[stop:]
+            elif len(ids) < num_samples:
+                still_active.append(p)
+        active = still_active
+    return per_prompt
+
+
+def _base_logprobs(completions: Completions, prompt_ids, base_logprobs_fn) -> list[float]:
+    if base_logprobs_fn is None:
+        return completions.logprobs
+    expanded = [prompt_ids[i] for i in completions.prompt_index]
+    return [float(x) for x in base_logprobs_fn(expanded, completions.completion_ids)]
+
+
+def _eos_token_ids(model, tokenizer) -> int | list[int]:
+    """EOS ids from the model's generation config (chat models often end turns with several), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token.")
+    return eos
+
+
+def _rng_devices(model) -> list:
+    device = next(model.parameters()).device
+    return [device] if device.type == "cuda" else []
+
+
+class _quiet_datasets:
+    """Silence `datasets`' progress bars for the small saves and loads of shards."""
+
+    def __enter__(self):
+        self.enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            datasets.enable_progress_bars()

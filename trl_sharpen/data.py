@@ -1,0 +1,145 @@
+"""Prompt-only datasets: validation with errors that say what is expected, loading, and tokenization.
+
+Sharpening needs prompts only; the completions come from the model. We accept TRL's two prompt-only formats:
+standard (`{"prompt": "..."}`) and conversational (`{"prompt": [{"role": "user", "content": "..."}]}`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+
+logger = logging.getLogger(__name__)
+
+PROMPT_ONLY_HELP = (
+    "Expected a prompt-only dataset in TRL's format: a `prompt` column holding either strings (standard) or lists "
+    'of chat messages like [{"role": "user", "content": "..."}] (conversational). The completions are sampled from '
+    "the model, so no completion or preference columns are needed."
+)
+
+
+def is_conversational_prompt(prompt: Any) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)
+
+
+def validate_prompt_dataset(dataset: Dataset | Sequence, prompt_column: str = "prompt") -> None:
+    """Raise a `ValueError` that names the problem when `dataset` is not a usable prompt-only dataset."""
+    if isinstance(dataset, Dataset):
+        columns = dataset.column_names
+        if len(dataset) == 0:
+            raise ValueError("The prompt dataset is empty: there is nothing to sample completions for.")
+        if {"chosen", "rejected"} <= set(columns):
+            raise ValueError(
+                f"Got a preference dataset (columns {columns}), but sharpening samples and ranks its own completions. "
+                f"{PROMPT_ONLY_HELP} To reuse it, keep only its prompts: `dataset.select_columns(['prompt'])`."
+            )
+        if "completion" in columns:
+            raise ValueError(
+                f"Got a prompt-completion dataset (columns {columns}), but sharpening samples its own completions. "
+                f"{PROMPT_ONLY_HELP} To reuse it, drop the completions: `dataset.remove_columns(['completion'])`."
+            )
+        if prompt_column not in columns:
+            hint = " (a `messages` column holds whole conversations, not prompts)" if "messages" in columns else ""
+            raise ValueError(
+                f"The dataset has no `{prompt_column}` column{hint}; its columns are {columns}. {PROMPT_ONLY_HELP}"
+            )
+        first = dataset[0][prompt_column]
+    else:
+        if len(dataset) == 0:
+            raise ValueError("The prompt list is empty: there is nothing to sample completions for.")
+        first = dataset[0]
+    if not isinstance(first, str) and not is_conversational_prompt(first):
+        raise ValueError(f"Unsupported prompt {first!r} of type {type(first).__name__}. {PROMPT_ONLY_HELP}")
+
+
+def load_prompts(path_or_name: str, split: str = "train", prompt_column: str = "prompt") -> Dataset:
+    """Load prompts from a saved dataset (`save_to_disk`), any file `datasets` reads (.jsonl, .json, .csv, .parquet,
+    .txt: one prompt per line), or a dataset name."""
+    path = Path(path_or_name)
+    if is_saved_dataset(path):
+        dataset = load_from_disk(str(path))
+    elif path.is_file():
+        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}.get(
+            path.suffix
+        )
+        if builder is None:
+            raise ValueError(f"Cannot read prompts from {path}: use .jsonl, .json, .csv, .parquet or .txt.")
+        dataset = load_dataset(builder, data_files=str(path), split="train")
+        if builder == "text":
+            dataset = dataset.rename_column("text", prompt_column)
+    else:
+        dataset = load_dataset(path_or_name)
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"{path_or_name} has no split {split!r}; its splits are {list(dataset)}.")
+        dataset = dataset[split]
+    validate_prompt_dataset(dataset, prompt_column)
+    return dataset
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Batched generation needs a pad token; fall back to EOS (what TRL's trainers do), but say so."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
+        logger.warning(
+            "The tokenizer has no pad token; using its EOS token %r for padding. Completions end at their first EOS.",
+            tokenizer.eos_token,
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def tokenize_prompt(tokenizer, prompt: str | list[dict], **chat_template_kwargs) -> list[int]:
+    """Token ids of one prompt, exactly as TRL's trainers tokenize it (chat template with the generation prompt for
+    conversational prompts, the tokenizer's own special tokens for plain text)."""
+    if is_conversational_prompt(prompt):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "The prompts are chat messages but the tokenizer has no chat template. Set `tokenizer.chat_template` "
+                "(or use the instruct version of the model), or pass plain-text prompts."
+            )
+        return list(
+            tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True, **chat_template_kwargs
+            )["input_ids"]
+        )
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def model_max_length(model) -> int | None:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "max_position_embeddings", None)
+
+
+def tokenize_prompts(
+    tokenizer, prompts: Sequence, max_new_tokens: int = 0, max_length: int | None = None
+) -> list[list[int]]:
+    """Tokenize all prompts, refusing any prompt that leaves no room for `max_new_tokens` within `max_length`."""
+    token_ids = [tokenize_prompt(tokenizer, prompt) for prompt in prompts]
+    for index, ids in enumerate(token_ids):
+        if not ids:
+            raise ValueError(f"Prompt {index} tokenizes to no tokens; a completion needs a non-empty prompt.")
+        if max_length is not None and len(ids) + max_new_tokens > max_length:
+            raise ValueError(
+                f"Prompt {index} is {len(ids)} tokens long; with max_new_tokens={max_new_tokens} that exceeds the "
+                f"model's maximum length of {max_length} tokens. Shorten or filter the prompt, or lower "
+                "max_new_tokens."
+            )
+    return token_ids
+
+
+def prompt_key(prompt: str | list[dict]) -> str:
+    """A hashable identity of a prompt (for grouping the N samples of one prompt)."""
+    return prompt if isinstance(prompt, str) else repr([(m.get("role"), m.get("content")) for m in prompt])
+
+
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())

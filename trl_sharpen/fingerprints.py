@@ -1,0 +1,50 @@
+"""Cheap identities of a model and a tokenizer, saved with generated data so that it is never reused with another.
+
+Hashing every weight of a 7B model takes minutes, so the model fingerprint hashes its config and a few thousand
+values from its first, middle and last parameters: enough to tell two checkpoints apart, fast on any size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+
+import torch
+
+from .logprobs import unwrap_causal_lm
+
+
+_SAMPLED_VALUES = 4096
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache", "architectures"}
+
+
+def _gathered(param: torch.nn.Parameter):
+    if hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param])
+    return contextlib.nullcontext()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    causal_lm = unwrap_causal_lm(model)
+    digest = hashlib.sha256()
+    config = {k: v for k, v in causal_lm.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    # Base weights only: a freshly added LoRA adapter must not change the fingerprint of the model it adapts
+    params = [(n, p) for n, p in causal_lm.named_parameters() if "lora_" not in n]
+    for name, param in (params[0], params[len(params) // 2], params[-1]):
+        with _gathered(param):
+            values = param.detach().reshape(-1)[:_SAMPLED_VALUES].to("cpu", torch.float32)
+        digest.update(name.encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(tokenizer.all_special_tokens).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,163 @@
+"""Sampling N completions per prompt, with the sampler's own sequence log-probabilities recorded for free.
+
+When completions are sampled from the model that will score them (Best-of-N from pi_base, the paper's setting), the
+score log pi(y|x) is already computed during generation: each decoding step produces the next-token logits. We record
+`log_softmax(raw logits)[sampled token]` at every step, *before* any temperature / top-k / top-p warping or logits
+processor, so the sum is the model's own log-probability and equals a separate scoring pass (`sequence_logprobs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from .logprobs import completion_mask_from_eos, has_eos, sequence_logprobs, unwrap_causal_lm
+
+
+@dataclass
+class Completions:
+    """Completions in prompt-major order (prompt 0's samples, then prompt 1's, ...), without padding."""
+
+    prompt_index: list[int]
+    completion_ids: list[list[int]]
+    # Sequence log-probability under the sampling model (None when not recorded)
+    logprobs: list[float] | None
+    # True when the completion hit `max_new_tokens` without an EOS token
+    truncated: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+class _SampledTokenLogprobRecorder:
+    """Forward hook that keeps log pi(y_t | x, y_<t) of each sampled token during `generate`.
+
+    The logits of step t are seen in forward t; the token sampled from them only arrives as the input of forward t+1
+    (or, for the last token, in the returned sequences). So the hook keeps one step of log-probabilities pending and
+    gathers it when the sampled token shows up: memory stays at one `(batch, vocab)` float32 tensor.
+    """
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+        self.pending: torch.Tensor | None = None
+        self.failed = False
+
+    def __call__(self, module, args, kwargs, output):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = getattr(output, "logits", None)
+        if input_ids is None or logits is None:
+            self.failed = True  # e.g. generation from `inputs_embeds`: fall back to rescoring
+            return
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.pending = logits[:, -1].float().log_softmax(dim=-1)
+
+    def per_token_logprobs(self, completion_ids: torch.Tensor) -> torch.Tensor | None:
+        """`(batch, C)` log-probabilities of the returned completion tokens."""
+        length = completion_ids.size(1)
+        steps = self.steps[:length]
+        if len(steps) == length - 1 and self.pending is not None:
+            steps.append(self.pending.gather(-1, completion_ids[:, -1:].to(self.pending.device)).squeeze(-1))
+        if self.failed or len(steps) != length:
+            return None
+        return torch.stack(steps, dim=1) if steps else completion_ids.new_zeros((completion_ids.size(0), 0)).float()
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def build_generation_config(
+    *,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int | list[int],
+    **extra,
+) -> GenerationConfig:
+    """A generation config built from scratch, so that a checkpoint's own sampling defaults (a Hub model's
+    `top_k=20` or `repetition_penalty=1.05`) do not silently change the distribution we sample from."""
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    return GenerationConfig(
+        do_sample=do_sample,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        **sampling,
+        **extra,
+    )
+
+
+@torch.no_grad()
+def generate_completions(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    generation_config: GenerationConfig,
+    num_samples: int = 1,
+    batch_size: int = 64,
+    record_logprobs: bool = True,
+    synced_gpus: bool | None = None,
+    progress=None,
+) -> Completions:
+    """Generate `num_samples` completions for each prompt, `batch_size` sequences per `generate` call.
+
+    Args:
+        model: the model to sample from (unwrapped; a PEFT model inside `disable_adapter()` samples from the base).
+        prompt_ids: token ids of each prompt, unpadded.
+        generation_config: see `build_generation_config`.
+        record_logprobs: record log pi(y|x) of each completion under `model` from the generation step itself.
+        synced_gpus: forwarded to `generate`; pass False when ZeRO-3 parameters are already gathered.
+        progress: optional tqdm bar, advanced by the number of completions produced.
+    """
+    eos_ids = generation_config.eos_token_id
+    pad_id = generation_config.pad_token_id
+    rows = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]
+    device = next(unwrap_causal_lm(model).parameters()).device
+    out = Completions(prompt_index=rows, completion_ids=[], logprobs=[] if record_logprobs else None, truncated=[])
+    for start in range(0, len(rows), batch_size):
+        batch_rows = rows[start : start + batch_size]
+        input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch_rows], pad_id)
+        recorder = _SampledTokenLogprobRecorder()
+        handle = (
+            unwrap_causal_lm(model).register_forward_hook(recorder, with_kwargs=True) if record_logprobs else None
+        )
+        try:
+            sequences = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=generation_config,
+                synced_gpus=synced_gpus,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        completion_ids = sequences[:, input_ids.size(1) :]
+        completion_mask = completion_mask_from_eos(completion_ids, eos_ids)
+        truncated = ~has_eos(completion_ids, eos_ids)
+        if record_logprobs:
+            per_token = recorder.per_token_logprobs(completion_ids)
+            if per_token is None:
+                # generation did not expose input ids and logits (e.g. `inputs_embeds`): score separately
+                seq_logprobs = sequence_logprobs(model, input_ids, completion_ids, attention_mask, completion_mask)
+            else:
+                seq_logprobs = (per_token * completion_mask.to(per_token.device)).sum(dim=1)
+            out.logprobs.extend(seq_logprobs.tolist())
+        lengths = completion_mask.sum(dim=1).tolist()
+        out.completion_ids.extend(row[:n] for row, n in zip(completion_ids.tolist(), lengths))
+        out.truncated.extend(truncated.tolist())
+        if progress is not None:
+            progress.update(len(batch_rows))
+    return out

@@ -1,0 +1,193 @@
+"""Exact, memory-lean sequence log-probabilities: the self-reward r(y|x) = log pi(y|x) of Huang et al. (2025), Eq. 2.
+
+`sequence_logprobs` never builds the float32 `(batch, length, vocab)` logits of a whole batch: it runs the model's
+backbone one micro-batch at a time and projects through the LM head only the positions that predict a completion
+token, a chunk of positions at a time, taking a log-softmax of each chunk in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from accelerate.utils import extract_model_from_parallel, is_peft_model
+
+
+TokenIds = torch.Tensor | Sequence[Sequence[int]]
+
+# Positions projected through the LM head at once: bounds the float32 logits alive at a time to
+# `LOGITS_CHUNK_TOKENS * vocab_size * 4` bytes (128 MiB at a 32k vocabulary).
+LOGITS_CHUNK_TOKENS = 1024
+
+
+def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The `*ForCausalLM` module inside DDP / DeepSpeed / PEFT wrappers (PEFT's LoRA layers stay in place)."""
+    model = extract_model_from_parallel(model)
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return model
+
+
+def _logit_transform(config):
+    """Post-LM-head transforms some architectures apply inside `forward` (so a bare head call would miss them)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text_config, "logit_scale", None)  # Cohere
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)  # Falcon-H1
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:  # Granite divides
+        scale = 1.0 / text_config.logits_scaling
+    softcap = getattr(text_config, "final_logit_softcapping", None)  # Gemma 2/3
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return transform
+
+
+def _as_padded(ids: TokenIds, mask: torch.Tensor | None, pad_value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) as padded tensors; ragged lists become right-padded tensors with their mask."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 2:
+            raise ValueError(f"Token ids must be a 2-D (batch, length) tensor, got shape {tuple(ids.shape)}.")
+        if mask is None:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+        return ids.long(), mask.bool()
+    rows = [list(row) for row in ids]
+    width = max((len(row) for row in rows), default=0)
+    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    out_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        out_mask[i, : len(row)] = True
+    return out, out_mask
+
+
+def pack_prompt_completion(
+    prompt_ids: TokenIds,
+    completion_ids: TokenIds,
+    prompt_mask: torch.Tensor | None = None,
+    completion_mask: torch.Tensor | None = None,
+    pad_token_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate prompt and completion per row with all padding moved to the right.
+
+    Prompts may be left- or right-padded and completions right-padded (the layout `generate` returns); packing makes
+    every row start at position 0, so no query row is fully masked and positions are the plain `arange`.
+
+    Returns:
+        `input_ids`, `attention_mask` and `completion_mask`, each `(batch, length)`.
+    """
+    prompt_ids, prompt_mask = _as_padded(prompt_ids, prompt_mask, pad_token_id)
+    completion_ids, completion_mask = _as_padded(completion_ids, completion_mask, pad_token_id)
+    if prompt_ids.size(0) != completion_ids.size(0):
+        raise ValueError(
+            f"Got {prompt_ids.size(0)} prompts but {completion_ids.size(0)} completions; pass one prompt per "
+            "completion (repeat a prompt for its N samples)."
+        )
+    completion_ids = completion_ids.to(prompt_ids.device)
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    real = torch.cat([prompt_mask.to(prompt_ids.device), completion_mask.to(prompt_ids.device)], dim=1)
+    is_completion = torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1).to(prompt_ids.device)
+    # A stable sort on "is padding" moves the real tokens left, in order.
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+    ids, real, is_completion = (t.gather(1, order) for t in (ids, real, is_completion))
+    ids = ids.masked_fill(~real, pad_token_id)
+    width = int(real.sum(dim=1).max().item()) if real.numel() else 0
+    return ids[:, :width], real[:, :width].long(), is_completion[:, :width]
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: TokenIds,
+    completion_ids: TokenIds,
+    prompt_mask: torch.Tensor | None = None,
+    completion_mask: torch.Tensor | None = None,
+    micro_batch_size: int = 16,
+    logits_chunk_tokens: int = LOGITS_CHUNK_TOKENS,
+) -> torch.Tensor:
+    r"""Sequence log-probability of each completion given its prompt, summed over completion tokens only:
+
+    $$\log \pi(y \mid x) = \sum_{t=1}^{|y|} \log \pi(y_t \mid x, y_{<t}),$$
+
+    the maximum-likelihood self-reward of Huang et al. (2025), "Self-Improvement in Language Models: The Sharpening
+    Mechanism", Eq. 2.
+
+    Args:
+        model: a causal LM, a PEFT model (call it inside `model.disable_adapter()` to score with the base), or a
+            DDP / DeepSpeed wrapper of one. Runs without gradients.
+        prompt_ids: `(batch, P)` tensor (left- or right-padded, see `prompt_mask`) or a list of token-id lists.
+            Every prompt needs at least one token (the first completion token is predicted from the last prompt
+            token).
+        completion_ids: `(batch, C)` right-padded tensor or a list of token-id lists; an EOS token that ends a
+            completion belongs to it and is scored once. With `pad == eos`, pass `completion_mask` (see
+            `completion_mask_from_eos`) so that trailing pads are not counted as more EOS tokens.
+        prompt_mask, completion_mask: 1 for real tokens. Default: every position of a tensor is real.
+        micro_batch_size: sequences per backbone forward.
+        logits_chunk_tokens: completion positions projected through the LM head at once.
+
+    Returns:
+        float32 tensor of shape `(batch,)` on the model's device; 0.0 for an empty completion.
+    """
+    causal_lm = unwrap_causal_lm(model)
+    backbone = causal_lm.base_model
+    head = causal_lm.get_output_embeddings()
+    transform = _logit_transform(causal_lm.config)
+    device = head.weight.device if head.weight.device.type != "meta" else next(causal_lm.parameters()).device
+
+    input_ids, attention_mask, is_completion = pack_prompt_completion(
+        prompt_ids, completion_ids, prompt_mask, completion_mask
+    )
+    if input_ids.size(0) == 0:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    starts_with_completion = is_completion[:, 0].bool() if input_ids.size(1) else torch.zeros(0, dtype=torch.bool)
+    if starts_with_completion.any():
+        row = int(starts_with_completion.nonzero()[0, 0])
+        raise ValueError(f"Prompt {row} is empty: the first completion token needs at least one prompt token.")
+
+    lengths = attention_mask.sum(dim=1)
+    # Longest first, so each micro-batch is trimmed to similar lengths and the first one shows the peak memory.
+    order = torch.argsort(lengths, descending=True)
+    result = torch.zeros(input_ids.size(0), dtype=torch.float32, device=device)
+    for start in range(0, input_ids.size(0), micro_batch_size):
+        rows = order[start : start + micro_batch_size]
+        width = int(lengths[rows].max())
+        ids = input_ids[rows, :width].to(device)
+        mask = attention_mask[rows, :width].to(device)
+        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        # Position t predicts token t+1: keep the positions whose next token is a completion token.
+        targets_mask = is_completion[rows, 1:width].to(device).bool()
+        states = hidden[:, :-1][targets_mask]
+        targets = ids[:, 1:][targets_mask]
+        row_of_token = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(targets_mask)[targets_mask]
+        sums = torch.zeros(len(rows), dtype=torch.float32, device=device)
+        for chunk in range(0, targets.numel(), logits_chunk_tokens):
+            piece = slice(chunk, chunk + logits_chunk_tokens)
+            logits = transform(head(states[piece])).float()
+            token_logps = logits.gather(-1, targets[piece].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+            sums.index_add_(0, row_of_token[piece], token_logps)
+            del logits
+        result[rows.to(device)] = sums
+    return result
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: int | Sequence[int]) -> torch.Tensor:
+    """Mask of the real tokens of right-padded completions: everything up to and including the first EOS.
+
+    Works when the pad token is the EOS token, where the padding alone cannot tell where a completion ends.
+    """
+    eos_ids = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids))
+    is_eos = torch.isin(completion_ids, eos_ids.to(completion_ids.device))
+    eos_before = is_eos.long().cumsum(dim=1) - is_eos.long()
+    return eos_before == 0
+
+
+def has_eos(completion_ids: torch.Tensor, eos_token_ids: int | Sequence[int]) -> torch.Tensor:
+    eos_ids = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids))
+    return torch.isin(completion_ids, eos_ids.to(completion_ids.device)).any(dim=1)

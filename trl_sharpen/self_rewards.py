@@ -1,0 +1,219 @@
+"""Named self-rewards: scores of a completion computed from the base model alone (Huang et al. 2025, Sec. 1.1, A.2).
+
+Select one by name from Python or YAML (`self_reward: logprob`), or pass any callable:
+
+| name                 | r(y|x)                                                                                      |
+|----------------------|---------------------------------------------------------------------------------------------|
+| `logprob`            | log pi_base(y|x), the paper's maximum-likelihood self-reward (Eq. 2)                         |
+| `normalized_logprob` | log pi_base(y|x) / |y|, |y| in tokens (EOS included), which does not favour short answers  |
+| `majority`           | fraction of this prompt's N samples whose extracted answer equals this sample's answer        |
+|                      | (self-consistency, a sample estimate of sum over y' with y'_ans = y_ans of pi_base(y'|x))     |
+
+Every self-reward is also a TRL reward function, `f(prompts, completions, completion_ids, **kwargs) -> list[float]`,
+so it plugs into `GRPOTrainer(reward_funcs=[...])` or `RLOOTrainer`. Inside trl_sharpen the base log-probabilities
+are passed in (`base_logprobs=`), usually for free from generation; as a TRL reward function, `logprob` and
+`normalized_logprob` score with the `model` they were built with:
+
+    >>> reward = get_self_reward("logprob", model=base_model, tokenizer=tokenizer)
+    >>> trainer = GRPOTrainer(model=policy, reward_funcs=[reward], ...)
+
+A user callable follows TRL's protocol and may take `base_logprobs` (one float per completion) and `group_ids` (the
+same id for completions of the same prompt) as keyword arguments; naming `base_logprobs` in its signature asks for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+from accelerate.utils import is_peft_model
+
+from .answers import AnswerExtractor, get_answer_extractor, load_callable
+from .data import prompt_key, tokenize_prompt
+from .logprobs import sequence_logprobs
+
+
+SELF_REWARDS: dict[str, type[SelfReward]] = {}
+
+
+def register_self_reward(name: str):
+    """Class decorator adding a `SelfReward` subclass to the registry under `name`."""
+
+    def decorator(cls):
+        cls.name = name
+        SELF_REWARDS[name] = cls
+        return cls
+
+    return decorator
+
+
+def group_ids_of(prompts: Sequence) -> list[int]:
+    """The same id for equal prompts, in order of first appearance."""
+    ids: dict[str, int] = {}
+    return [ids.setdefault(prompt_key(p), len(ids)) for p in prompts]
+
+
+def base_scoring_context(model):
+    """Score with the base model: a PEFT model's adapters are disabled, a plain model is used as is."""
+    return model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+
+
+class SelfReward:
+    """A self-reward. Subclasses implement `score`; `__call__` is TRL's reward-function protocol."""
+
+    name: str = "self_reward"
+    # Whether `score` needs log pi_base(y|x) of each completion
+    requires_base_logprobs: bool = False
+
+    def __init__(self, model=None, tokenizer=None, micro_batch_size: int = 16):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.micro_batch_size = micro_batch_size
+
+    @property
+    def __name__(self) -> str:  # TRL logs reward functions under their `__name__`
+        return self.name
+
+    def score(
+        self,
+        prompts: Sequence,
+        completions: Sequence[str],
+        completion_ids: Sequence[Sequence[int]],
+        base_logprobs: Sequence[float] | None = None,
+        group_ids: Sequence[int] | None = None,
+        **kwargs,
+    ) -> list[float]:
+        raise NotImplementedError
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        base_logprobs = kwargs.pop("base_logprobs", None)
+        group_ids = kwargs.pop("group_ids", None) or group_ids_of(prompts)
+        if self.requires_base_logprobs and base_logprobs is None:
+            base_logprobs = self.base_logprobs(prompts, completion_ids)
+        if isinstance(completions[0], list):  # conversational completions: score the assistant text
+            completions = [c[-1]["content"] if c else "" for c in completions]
+        rewards = self.score(prompts, completions, completion_ids, base_logprobs, group_ids, **kwargs)
+        return check_rewards(self.name, rewards, len(completion_ids))
+
+    def base_logprobs(self, prompts, completion_ids) -> list[float]:
+        if self.model is None or self.tokenizer is None:
+            raise ValueError(
+                f"The `{self.name}` self-reward needs the base model to score completions when it is used as a TRL "
+                f"reward function: build it with get_self_reward({self.name!r}, model=base_model, "
+                "tokenizer=tokenizer)."
+            )
+        prompt_ids = [tokenize_prompt(self.tokenizer, p) for p in prompts]
+        with base_scoring_context(self.model):
+            logprobs = sequence_logprobs(
+                self.model, prompt_ids, completion_ids, micro_batch_size=self.micro_batch_size
+            )
+        return logprobs.tolist()
+
+
+@register_self_reward("logprob")
+class LogProbReward(SelfReward):
+    """r(y|x) = log pi_base(y|x) (Huang et al. 2025, Eq. 2)."""
+
+    requires_base_logprobs = True
+
+    def score(self, prompts, completions, completion_ids, base_logprobs=None, group_ids=None, **kwargs):
+        return [float(lp) for lp in base_logprobs]
+
+
+@register_self_reward("normalized_logprob")
+class NormalizedLogProbReward(SelfReward):
+    """r(y|x) = log pi_base(y|x) / |y| with |y| in tokens (App. A.2): removes log-prob's bias to short answers."""
+
+    requires_base_logprobs = True
+
+    def score(self, prompts, completions, completion_ids, base_logprobs=None, group_ids=None, **kwargs):
+        return [float(lp) / max(1, len(ids)) for lp, ids in zip(base_logprobs, completion_ids, strict=True)]
+
+
+@register_self_reward("majority")
+class MajorityReward(SelfReward):
+    """Self-consistency: the share of this prompt's samples whose extracted answer equals this sample's (App. A.2).
+
+    A sample without an extractable answer gets 0.
+    """
+
+    def __init__(self, answer_extractor: str | AnswerExtractor | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.answer_extractor = get_answer_extractor(answer_extractor)
+
+    def score(self, prompts, completions, completion_ids, base_logprobs=None, group_ids=None, **kwargs):
+        answers = [self.answer_extractor(text) for text in completions]
+        votes = Counter((group, answer) for group, answer in zip(group_ids, answers, strict=True))
+        group_sizes = Counter(group_ids)
+        return [
+            0.0 if answer is None else votes[(group, answer)] / group_sizes[group]
+            for group, answer in zip(group_ids, answers, strict=True)
+        ]
+
+
+class CallableReward(SelfReward):
+    """A user function following TRL's reward protocol; `base_logprobs` are passed when its signature names them."""
+
+    def __init__(self, function: Callable, **kwargs):
+        super().__init__(**kwargs)
+        self.function = function
+        self.name = getattr(function, "__name__", type(function).__name__)
+        parameters = inspect.signature(function).parameters
+        self.requires_base_logprobs = "base_logprobs" in parameters
+
+    def score(self, prompts, completions, completion_ids, base_logprobs=None, group_ids=None, **kwargs):
+        if base_logprobs is not None:
+            kwargs["base_logprobs"] = list(base_logprobs)
+        return self.function(
+            prompts=prompts, completions=completions, completion_ids=completion_ids, group_ids=group_ids, **kwargs
+        )
+
+
+def get_self_reward(reward: str | Callable | SelfReward, **kwargs) -> SelfReward:
+    """A self-reward from its registry name, a `"package.module:function"` path, or a callable.
+
+    Keyword arguments (`model`, `tokenizer`, `answer_extractor`, ...) go to the reward's constructor; those it does not
+    take are ignored, so callers can pass everything they have.
+    """
+    if isinstance(reward, SelfReward):
+        return reward
+    if isinstance(reward, str):
+        if reward in SELF_REWARDS:
+            cls = SELF_REWARDS[reward]
+        elif ":" in reward:
+            return CallableReward(load_callable(reward), **_accepted(CallableReward, kwargs))
+        else:
+            raise ValueError(
+                f"Unknown self-reward {reward!r}. Valid names: {sorted(SELF_REWARDS)}; or pass a callable, or a "
+                "'package.module:function' path to one."
+            )
+        return cls(**_accepted(cls, kwargs))
+    if callable(reward):
+        return CallableReward(reward, **_accepted(CallableReward, kwargs))
+    raise ValueError(f"A self-reward must be a name, a callable or a SelfReward, got {type(reward).__name__}.")
+
+
+def _accepted(cls, kwargs: dict) -> dict:
+    names = set(inspect.signature(cls.__init__).parameters) | set(inspect.signature(SelfReward.__init__).parameters)
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def check_rewards(name: str, rewards, expected: int) -> list[float]:
+    """Rewards as floats, or a `ValueError` naming the reward when they have the wrong length or are not finite."""
+    if isinstance(rewards, torch.Tensor):
+        rewards = rewards.tolist()
+    if rewards is None or len(rewards) != expected:
+        got = "None" if rewards is None else f"{len(rewards)} values"
+        raise ValueError(f"The self-reward `{name}` returned {got} for {expected} completions; expected one each.")
+    out = []
+    for index, value in enumerate(rewards):
+        if value is None or not math.isfinite(float(value)):
+            raise ValueError(
+                f"The self-reward `{name}` returned {value!r} for completion {index}; rewards must be finite numbers."
+            )
+        out.append(float(value))
+    return out
