@@ -107,7 +107,9 @@ def validate_best_of_n_args(num_samples: int, truncated_policy: str, adaptive_de
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1 (got {num_samples}): Best-of-N needs N >= 1 samples.")
     if truncated_policy not in TRUNCATION_POLICIES:
-        raise ValueError(f"Unknown truncated-completion policy {truncated_policy!r}; use one of {TRUNCATION_POLICIES}.")
+        raise ValueError(
+            f"Unknown truncated-completion policy {truncated_policy!r}; use one of {TRUNCATION_POLICIES}."
+        )
     if adaptive_delta is not None and not 0.0 < adaptive_delta < 1.0:
         raise ValueError(f"adaptive_delta must be in (0, 1), got {adaptive_delta}.")
 

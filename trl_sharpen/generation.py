@@ -131,9 +131,7 @@ def generate_completions(
         batch_rows = rows[start : start + batch_size]
         input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch_rows], pad_id)
         recorder = _SampledTokenLogprobRecorder()
-        handle = (
-            unwrap_causal_lm(model).register_forward_hook(recorder, with_kwargs=True) if record_logprobs else None
-        )
+        handle = unwrap_causal_lm(model).register_forward_hook(recorder, with_kwargs=True) if record_logprobs else None
         try:
             sequences = model.generate(
                 input_ids=input_ids.to(device),

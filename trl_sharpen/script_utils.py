@@ -65,6 +65,8 @@ def report_greedy_accuracy(model, tokenizer, dataset: DatasetDict, script_args, 
         max_new_tokens=script_args.eval_max_new_tokens,
     )
     if PartialState().is_main_process:
-        loglik = "" if result.mean_base_logprob is None else f", mean log pi_base(greedy) {result.mean_base_logprob:.3f}"
+        loglik = (
+            "" if result.mean_base_logprob is None else f", mean log pi_base(greedy) {result.mean_base_logprob:.3f}"
+        )
         print(f"[{label}] greedy accuracy on {len(test)} {split} prompts: {result.accuracy:.3f}{loglik}", flush=True)
     return result

@@ -1,10 +1,10 @@
 """The bundled toy task and its tiny base model (see `trl_sharpen.toy.task` for the data-generating process).
 
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
-    >>> from trl_sharpen.toy import TOY_MODEL_PATH, check_answer, load_toy_prompts
-    >>> model = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH)
-    >>> tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_PATH)
-    >>> test_prompts = load_toy_prompts("test")  # 200 held-out prompts with reference answers
+>>> from transformers import AutoModelForCausalLM, AutoTokenizer
+>>> from trl_sharpen.toy import TOY_MODEL_PATH, check_answer, load_toy_prompts
+>>> model = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH)
+>>> tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_PATH)
+>>> test_prompts = load_toy_prompts("test")  # 200 held-out prompts with reference answers
 """
 
 from pathlib import Path

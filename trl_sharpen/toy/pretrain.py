@@ -20,8 +20,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .task import CHAT_TEMPLATE, NUMBERS, SPECIAL_TOKENS, TASKS, WORDS, format_prompt, question
 from .data import test_prompt_terms
+from .task import CHAT_TEMPLATE, NUMBERS, SPECIAL_TOKENS, TASKS, WORDS, format_prompt, question
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -71,7 +71,9 @@ def sample_batch(task, tokenizer, batch_size: int, rng: random.Random, held_out:
             prompt_ids = tokenizer(format_prompt(terms))["input_ids"]
         else:
             messages = [{"role": "user", "content": question(terms)}]
-            prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+            prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[
+                "input_ids"
+            ]
         completion_ids = tokenizer(completion)["input_ids"] + [tokenizer.eos_token_id]
         sequences.append(prompt_ids + completion_ids)
         masks.append([0] * len(prompt_ids) + [1] * len(completion_ids))

@@ -1,0 +1,146 @@
+"""The `trl-sharpen` command line.
+
+    trl-sharpen bon --model_name_or_path trl_sharpen/toy/base_model --dataset_name trl_sharpen/toy/data \\
+        --dataset_split test --num_samples 16 --output_dir outputs/bon
+
+Every sub-command takes `--config file.yaml` as well (TRL's `TrlParser`); run `trl-sharpen <command> --help` for
+its options. Under `accelerate launch -m trl_sharpen.cli bon ...` the prompts are split across processes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from .best_of_n import TRUNCATION_POLICIES
+
+
+@dataclass
+class BestOfNArguments:
+    """Arguments of `trl-sharpen bon`: inference-time Best-of-N sharpening (Huang et al. 2025, App. C)."""
+
+    model_name_or_path: str = field(metadata={"help": "Model to sample from and score with (path or Hub id)."})
+    output_dir: str = field(metadata={"help": "Where shards and the final `datasets` dataset are written."})
+    dataset_name: str = field(
+        default=None,
+        metadata={"help": "Prompts: a saved dataset, a .jsonl/.json/.csv/.parquet/.txt file, or a dataset name."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to read when the dataset has several."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompts."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    num_samples: int = field(default=16, metadata={"help": "N: completions sampled per prompt."})
+    self_reward: str = field(
+        default="logprob",
+        metadata={"help": "logprob, normalized_logprob, majority, or 'package.module:function'."},
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper: 1.0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0 = off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Maximum completion length (paper: 512)."})
+    generation_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call."})
+    truncated_completions: str = field(
+        default="keep",
+        metadata={"help": "Completions without EOS: keep, penalize or drop.", "choices": list(TRUNCATION_POLICIES)},
+    )
+    truncation_penalty: float = field(
+        default=100.0, metadata={"help": "Subtracted from truncated rewards (penalize)."}
+    )
+    adaptive_delta: float | None = field(
+        default=None, metadata={"help": "Enable adaptive sampling (App. D) with this delta in (0, 1)."}
+    )
+    adaptive_round_size: int = field(default=4, metadata={"help": "Samples per active prompt per adaptive round."})
+    answer_extractor: str | None = field(
+        default=None, metadata={"help": "'package.module:function' for the majority reward (default: last number)."}
+    )
+    answer_column: str | None = field(
+        default=None,
+        metadata={"help": "Column with reference answers: if set, print the accuracy of the selected completions."},
+    )
+    shard_size: int = field(default=64, metadata={"help": "Prompts per shard (unit of resumption)."})
+    overwrite: bool = field(default=False, metadata={"help": "Discard results from other arguments in output_dir."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+
+def run_best_of_n(args: BestOfNArguments):
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .answers import answers_match
+    from .best_of_n import best_of_n
+    from .data import load_prompts
+
+    if args.dataset_name is None:
+        raise ValueError("Pass the prompts with --dataset_name (a file, a saved dataset or a dataset name).")
+    state = PartialState()
+    prompts = load_prompts(args.dataset_name, args.dataset_split, args.prompt_column)
+    if args.num_prompts is not None:
+        prompts = prompts.select(range(min(args.num_prompts, len(prompts))))
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code
+    ).to(state.device)
+    result = best_of_n(
+        model,
+        tokenizer,
+        prompts,
+        num_samples=args.num_samples,
+        self_reward=args.self_reward,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        generation_batch_size=args.generation_batch_size,
+        truncated_completions=args.truncated_completions,
+        truncation_penalty=args.truncation_penalty,
+        adaptive_delta=args.adaptive_delta,
+        adaptive_round_size=args.adaptive_round_size,
+        answer_extractor=args.answer_extractor,
+        prompt_column=args.prompt_column,
+        output_dir=args.output_dir,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        seed=args.seed,
+    )
+    if state.is_main_process:
+        samples = sum(result["num_samples"])
+        print(f"Best-of-N: {len(result)} prompts, {samples} samples, saved to {args.output_dir}")
+        if args.answer_column is not None:
+            correct = [
+                row["selected_completion"] is not None
+                and answers_match(row["selected_completion"], row[args.answer_column])
+                for row in result
+            ]
+            print(f"BoN@{args.num_samples} accuracy ({args.self_reward}): {sum(correct) / len(correct):.3f}")
+    return result
+
+
+COMMANDS = {
+    "bon": (BestOfNArguments, run_best_of_n),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        print(f"\ncommands: {', '.join(COMMANDS)}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
+            sys.exit(2)
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from trl import TrlParser
+
+    arguments_class, run = COMMANDS[argv[0]]
+    parser = TrlParser(arguments_class, prog=f"trl-sharpen {argv[0]}")
+    (args,) = parser.parse_args_and_config(argv[1:])
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
