@@ -2,6 +2,8 @@
 
     trl-sharpen bon --model_name_or_path trl_sharpen/toy/base_model --dataset_name trl_sharpen/toy/data \\
         --dataset_split test --num_samples 16 --output_dir outputs/bon
+    trl-sharpen eval --model_name_or_path trl_sharpen/toy/base_model --dataset_name trl_sharpen/toy/data \\
+        --dataset_split test --num_samples 16 --max_new_tokens 48 --output_dir outputs/eval
 
 Every sub-command takes `--config file.yaml` as well (TRL's `TrlParser`); run `trl-sharpen <command> --help` for
 its options. Under `accelerate launch -m trl_sharpen.cli bon ...` the prompts are split across processes.
@@ -119,8 +121,133 @@ def run_best_of_n(args: BestOfNArguments):
     return result
 
 
+@dataclass
+class EvalArguments:
+    """Arguments of `trl-sharpen eval`: greedy, temperature-1, BoN@n and pass@n accuracy, the generation-verification
+    gap, the sharpening error and answer diversity, from one set of N samples per prompt."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Model to evaluate (path or Hub id); a PEFT adapter folder is loaded with its base."}
+    )
+    dataset_name: str = field(
+        default=None,
+        metadata={
+            "help": "Prompts with reference answers: a saved dataset, a .jsonl/.json/.csv/.parquet file, or a name."
+        },
+    )
+    base_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "pi_base for log-likelihoods and self-rewards when the model is not the base (default: the model "
+            "itself, or the base of a PEFT adapter with the adapters disabled)."
+        },
+    )
+    dataset_split: str = field(default="test", metadata={"help": "Split to read when the dataset has several."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompts."})
+    answer_column: str = field(default="answer", metadata={"help": "Column holding the reference answers."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    num_samples: int = field(
+        default=16, metadata={"help": "N: completions sampled per prompt; smaller n are obtained by subsampling."}
+    )
+    self_rewards: list[str] = field(
+        default_factory=lambda: ["logprob", "normalized_logprob", "majority"],
+        metadata={"help": "Self-rewards for Best-of-N (names or 'package.module:function'); 'none' for no BoN."},
+    )
+    checker: str | None = field(
+        default=None,
+        metadata={
+            "help": "'package.module:function(completion, reference) -> bool' (default: extracted answer == reference)."
+        },
+    )
+    answer_extractor: str | None = field(
+        default=None,
+        metadata={"help": "'package.module:function' extracting the final answer (default: last number)."},
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper: 1.0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0 = off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Maximum completion length (paper: 512)."})
+    generation_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Write report.json, samples.jsonl and the PNG plots here (default: print only)."},
+    )
+    plots: bool = field(default=True, metadata={"help": "Draw the PNG plots into output_dir (needs matplotlib)."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+
+def run_eval(args: EvalArguments):
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import load_prompts
+    from .evaluation import evaluate_sharpening, format_report, reference_answers
+
+    if args.dataset_name is None:
+        raise ValueError("Pass the prompts and reference answers with --dataset_name (a file or a dataset name).")
+    self_rewards = [] if [r.lower() for r in args.self_rewards] == ["none"] else list(args.self_rewards)
+    prompts = load_prompts(args.dataset_name, args.dataset_split, args.prompt_column)
+    if args.num_prompts is not None:
+        prompts = prompts.select(range(min(args.num_prompts, len(prompts))))
+    answers = reference_answers(prompts, args.answer_column)  # fail before loading a model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    load = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
+    is_adapter = (Path(args.model_name_or_path) / "adapter_config.json").is_file()
+    if is_adapter:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(args.model_name_or_path, **load)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **load)
+    model.to(device)
+    if args.base_model_name_or_path is not None:
+        base_model = AutoModelForCausalLM.from_pretrained(args.base_model_name_or_path, **load).to(device)
+    else:
+        base_model = model if is_adapter else None  # an adapter's base: the same weights with adapters disabled
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    report = evaluate_sharpening(
+        model,
+        tokenizer,
+        prompts[args.prompt_column],
+        answers,
+        num_samples=args.num_samples,
+        checker=args.checker,
+        answer_extractor=args.answer_extractor,
+        base_model=base_model,
+        self_rewards=self_rewards,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.generation_batch_size,
+        seed=args.seed,
+    )
+    report.model_name = args.model_name_or_path
+    report.base_model_name = args.base_model_name_or_path or args.model_name_or_path
+    report.settings.update(dataset=args.dataset_name, split=args.dataset_split)
+    print(format_report(report), flush=True)
+    if args.output_dir is not None:
+        output_dir = Path(args.output_dir)
+        written = [report.save_json(output_dir / "report.json"), report.save_samples(output_dir / "samples.jsonl")]
+        if args.plots:
+            try:
+                from .plots import save_plots
+
+                written += list(save_plots(report, output_dir).values())
+            except ImportError as error:
+                print(f"Skipping the plots: {error}", file=sys.stderr)
+        print("\nwrote " + ", ".join(str(p) for p in written))
+    return report
+
+
 COMMANDS = {
     "bon": (BestOfNArguments, run_best_of_n),
+    "eval": (EvalArguments, run_eval),
 }
 
 
