@@ -1,5 +1,6 @@
 import os
 
+
 # Offline and quiet: nothing may reach the Hub during tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -104,7 +104,7 @@ def pretrain(
     model = build_model(tokenizer, hidden_size, num_layers)
     held_out = {tuple(terms) for terms in test_prompt_terms()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = steps // 20
+    warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),

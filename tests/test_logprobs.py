@@ -1,0 +1,182 @@
+"""`sequence_logprobs` against a naive full-logits reference, under every padding layout and batch split."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from trl_sharpen.generation import build_generation_config, generate_completions
+from trl_sharpen.logprobs import completion_mask_from_eos, pack_prompt_completion, sequence_logprobs
+
+
+def naive_logprobs(model, prompts, completions):
+    """One unpadded sequence at a time, full float32 log-softmax over the vocabulary."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logps = model(input_ids=ids).logits.float().log_softmax(-1)[0]
+        out.append(sum(logps[len(prompt) + t - 1, tok].item() for t, tok in enumerate(completion)))
+    return torch.tensor(out)
+
+
+@pytest.fixture
+def samples(toy_tokenizer):
+    prompts = [
+        toy_tokenizer("Q : 3 + 5 = ?")["input_ids"],
+        toy_tokenizer("Q : 1 + 2 + 3 + 4 + 5 = ?")["input_ids"],
+        toy_tokenizer.apply_chat_template(
+            [{"role": "user", "content": "9 + 9 = ?"}], add_generation_prompt=True, return_dict=True
+        )["input_ids"],
+        toy_tokenizer("Q : 7 + 0 + 2 = ?")["input_ids"],
+    ]
+    eos = toy_tokenizer.eos_token_id
+    completions = [
+        toy_tokenizer("3 + 5 = 8 . answer 8")["input_ids"] + [eos],
+        toy_tokenizer("answer 42")["input_ids"] + [eos],
+        toy_tokenizer("9 + 9 = 18 . answer")["input_ids"],  # truncated: no EOS
+        [eos],
+    ]
+    return prompts, completions
+
+
+def pad(rows, side, value=0):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = torch.tensor(r), 1
+    return ids, mask
+
+
+def test_matches_naive_reference_for_lists(toy_model, samples):
+    prompts, completions = samples
+    expected = naive_logprobs(toy_model, prompts, completions)
+    got = sequence_logprobs(toy_model, prompts, completions)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got < 0).all()
+
+
+@pytest.mark.parametrize("prompt_side", ["left", "right"])
+def test_padding_side_does_not_change_the_result(toy_model, samples, prompt_side):
+    prompts, completions = samples
+    expected = naive_logprobs(toy_model, prompts, completions)
+    prompt_ids, prompt_mask = pad(prompts, prompt_side, value=5)  # pad with a real token id: the mask must matter
+    completion_ids, completion_mask = pad(completions, "right", value=5)
+    got = sequence_logprobs(toy_model, prompt_ids, completion_ids, prompt_mask, completion_mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_split_invariance(toy_model, samples):
+    prompts, completions = samples
+    whole = sequence_logprobs(toy_model, prompts, completions, micro_batch_size=64, logits_chunk_tokens=4096)
+    split = sequence_logprobs(toy_model, prompts, completions, micro_batch_size=1, logits_chunk_tokens=3)
+    torch.testing.assert_close(whole, split, atol=1e-6, rtol=1e-6)
+    # and one row alone gives the same value as inside a batch
+    alone = sequence_logprobs(toy_model, prompts[1:2], completions[1:2])
+    torch.testing.assert_close(alone[0], whole[1], atol=1e-6, rtol=1e-6)
+
+
+def test_eos_counted_once_when_pad_is_eos(toy_model, samples, toy_tokenizer):
+    prompts, completions = samples
+    # as in generate's output, only completions that ended with EOS are followed by padding
+    prompts, completions = [prompts[i] for i in (0, 1, 3)], [completions[i] for i in (0, 1, 3)]
+    eos = toy_tokenizer.eos_token_id
+    # right-pad with EOS, as generate does when pad == eos: only the first EOS belongs to the completion
+    completion_ids, _ = pad(completions, "right", value=eos)
+    completion_ids = torch.cat([completion_ids, torch.full((len(completions), 3), eos)], dim=1)
+    mask = completion_mask_from_eos(completion_ids, eos)
+    got = sequence_logprobs(toy_model, prompts, completion_ids, completion_mask=mask)
+    torch.testing.assert_close(got, naive_logprobs(toy_model, prompts, completions), atol=1e-5, rtol=1e-5)
+    assert mask.sum(1).tolist() == [len(c) for c in completions]
+
+
+def test_empty_completion_scores_zero_and_empty_prompt_is_refused(toy_model, samples):
+    prompts, completions = samples
+    got = sequence_logprobs(toy_model, prompts[:2], [[], completions[1]])
+    assert got[0].item() == 0.0 and got[1].item() < 0
+    with pytest.raises(ValueError, match="Prompt 1 is empty"):
+        sequence_logprobs(toy_model, [prompts[0], []], completions[:2])
+
+
+def test_peft_model_with_adapter_disabled_scores_as_the_base(toy_model, samples):
+    prompts, completions = samples
+    base = sequence_logprobs(toy_model, prompts, completions)
+    peft_model = get_peft_model(
+        toy_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    adapted = sequence_logprobs(peft_model, prompts, completions)
+    assert not torch.allclose(adapted, base, atol=1e-4), "a non-zero LoRA adapter must change the scores"
+    with peft_model.disable_adapter():
+        disabled = sequence_logprobs(peft_model, prompts, completions)
+    torch.testing.assert_close(disabled, base, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "model_type, extra",
+    [
+        ("llama", {"tie_word_embeddings": False}),
+        ("qwen2", {}),
+        ("gemma2", {"final_logit_softcapping": 5.0, "head_dim": 8}),  # logits soft-capped inside forward
+        ("cohere", {"logit_scale": 0.5}),  # logits scaled inside forward
+    ],
+)
+def test_architectures_match_their_own_forward(model_type, extra):
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    prompts = [[1, 5, 9, 4], [7, 3]]
+    completions = [[10, 11, 12], [40, 41, 42, 43, 44]]
+    torch.testing.assert_close(
+        sequence_logprobs(model, prompts, completions),
+        naive_logprobs(model, prompts, completions),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_pack_prompt_completion_moves_padding_right():
+    prompt_ids = torch.tensor([[0, 0, 1, 2], [3, 4, 5, 6]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    completion_ids = torch.tensor([[7, 8, 0], [9, 0, 0]])
+    completion_mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    ids, attention, is_completion = pack_prompt_completion(prompt_ids, completion_ids, prompt_mask, completion_mask)
+    assert ids.tolist() == [[1, 2, 7, 8, 0], [3, 4, 5, 6, 9]]
+    assert attention.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert is_completion.long().tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
+def test_generation_time_logprobs_equal_rescored_logprobs(toy_model, toy_tokenizer, temperature, top_k, top_p):
+    prompts = [toy_tokenizer(f"Q : {a} + {b} + 3 = ?")["input_ids"] for a, b in [(1, 2), (4, 9), (0, 0)]]
+    prompts.append(
+        toy_tokenizer.apply_chat_template(
+            [{"role": "user", "content": "5 + 5 = ?"}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+    )
+    config = build_generation_config(
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        max_new_tokens=12,  # short enough that some samples are truncated
+        pad_token_id=toy_tokenizer.pad_token_id,
+        eos_token_id=toy_tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    samples = generate_completions(toy_model, prompts, config, num_samples=8, batch_size=12)
+    assert len(samples) == 32 and any(samples.truncated) and not all(samples.truncated)
+    rescored = sequence_logprobs(toy_model, [prompts[i] for i in samples.prompt_index], samples.completion_ids)
+    torch.testing.assert_close(torch.tensor(samples.logprobs), rescored, atol=1e-4, rtol=1e-5)
