@@ -11,12 +11,16 @@ from .best_of_n import best_of_n
 from .data import load_prompts
 from .generation import generate_completions
 from .logprobs import completion_mask_from_eos, sequence_logprobs
+from .self_reward_dpo_config import SelfRewardDPOConfig
+from .self_reward_dpo_trainer import SelfRewardDPOTrainer
 from .self_rewards import SELF_REWARDS, SelfReward, get_self_reward, register_self_reward
 
 
 __all__ = [
     "SELF_REWARDS",
     "SelfReward",
+    "SelfRewardDPOConfig",
+    "SelfRewardDPOTrainer",
     "answers_match",
     "best_of_n",
     "completion_mask_from_eos",

@@ -1,0 +1,212 @@
+"""Configuration of `SelfRewardDPOTrainer`: TRL's `DPOConfig` plus the online sampling and self-reward fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import DPOConfig
+
+
+SHARPEN_LOSS = "sharpen"
+SAMPLE_FROM = ("policy", "base")
+TIE_HANDLING = ("skip", "keep")
+
+
+@dataclass
+class SelfRewardDPOConfig(DPOConfig):
+    r"""Configuration for [`SelfRewardDPOTrainer`]: RLHF-Sharpening (Huang et al. 2025, Sec. 2.2 / 4.2) in online
+    DPO form.
+
+    Each step samples `num_generations` completions per prompt, scores them with the self-reward (by default
+    log pi_base(y|x)) and trains on the pair (highest, lowest) with any of TRL's DPO losses against pi_base, or with
+    `loss_type="sharpen"`, the paper's squared regression on reward differences (Eq. 8):
+
+    $$\big(\beta \log\tfrac{\pi(y|x)}{\pi_{base}(y|x)} - \beta \log\tfrac{\pi(y'|x)}{\pi_{base}(y'|x)}
+    - (r(y|x) - r(y'|x))\big)^2.$$
+
+    Every field of `trl.DPOConfig` keeps its meaning, except those that assume a fixed offline dataset:
+    `precompute_ref_log_probs` (the pairs are new every step; the reference log-probs are computed with them) and
+    `ld_alpha` (its length-desensitised reference would need a second reference pass) are refused.
+    """
+
+    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["generation_kwargs"]
+
+    # Parameters whose default values differ from DPOConfig
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the dataset's extra columns (e.g. `answer`): like TRL's GRPO, they are passed to a callable "
+            "self-reward as keyword arguments, repeated for each completion."
+        },
+    )
+
+    # Sampling
+    num_generations: int = field(
+        default=2,
+        metadata={
+            "help": "Completions sampled per prompt and step (k >= 2); the pair is (highest, lowest self-reward). The "
+            "paper's RLHF-Sharpening analysis uses 2 (Huang et al. 2025, Thm. 4.2)."
+        },
+    )
+    sample_from: str = field(
+        default="policy",
+        metadata={
+            "help": "`policy`: sample from the current policy (online DPO). `base`: sample from pi_base, as in the "
+            "paper's Eq. 8; their log pi_base(y|x) then come free with generation, so no reference forward is needed "
+            "for the `logprob` self-reward. pi_base is the reference model, or the adapter-disabled model with PEFT.",
+            "choices": list(SAMPLE_FROM),
+        },
+    )
+    max_completion_length: int = field(
+        default=512,
+        metadata={"help": "Maximum number of generated tokens per completion (paper, App. A.4: 512)."},
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (paper, App. A.4: temperature 1.0)."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold; 1.0 disables it."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it."})
+    generation_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra `transformers.GenerationConfig` arguments (e.g. `repetition_penalty`). The checkpoint's "
+            "own generation defaults are never used, so sampling follows only these fields."
+        },
+    )
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "Under DeepSpeed ZeRO-3, gather the policy's weights for generation (fast, needs the full model "
+            "in memory); False generates with sharded weights (slow, memory-lean). Same as TRL's GRPO/Online DPO."
+        },
+    )
+
+    # Self-reward and pairs
+    self_reward: str = field(
+        default="logprob",
+        metadata={
+            "help": "Self-reward r(y|x): a registry name (`logprob` = log pi_base(y|x), Eq. 2, which reuses the "
+            "reference forward DPO needs anyway; `normalized_logprob`; `majority`), a 'package.module:function' "
+            "path, or (from Python) a callable following TRL's reward-function protocol."
+        },
+    )
+    answer_extractor: str | None = field(
+        default=None,
+        metadata={"help": "For the `majority` self-reward: 'package.module:function' extracting the final answer."},
+    )
+    missing_eos_penalty: float | None = field(
+        default=None,
+        metadata={
+            "help": "Subtracted from the self-reward of completions that hit `max_completion_length` without an EOS "
+            "token (as in TRL's Online DPO). Unset: no penalty."
+        },
+    )
+    ties: str = field(
+        default="skip",
+        metadata={
+            "help": "What to do when a prompt's highest and lowest self-reward are equal (within `tie_tolerance`), "
+            "e.g. identical samples: `skip` drops the pair and counts it in `self_reward/ties_skipped`; `keep` "
+            "trains on it in sampled order.",
+            "choices": list(TIE_HANDLING),
+        },
+    )
+    tie_tolerance: float = field(
+        default=1e-4,
+        metadata={
+            "help": "Rewards closer than this count as equal (identical samples scored in different micro-batches "
+            "can differ by float round-off)."
+        },
+    )
+    scoring_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Sequences per micro-batch of the reference (pi_base) scoring pass; unset: all the step's samples "
+            "in one forward."
+        },
+    )
+
+    # Iterative variant: an extension beyond the paper
+    reanchor_steps: int = field(
+        default=0,
+        metadata={
+            "help": "EXTENSION BEYOND THE PAPER (off by default): every M steps, copy the policy into pi_base, so the "
+            "reference AND the log-prob self-reward (and `sample_from=base` sampling) re-anchor to the current policy. "
+            "Uses TRL's SyncRefModelCallback (sync_ref_model, ref_model_mixup_alpha=1, ref_model_sync_steps=M). "
+            "Not available with PEFT, whose pi_base is the adapter-disabled model. 0 disables it."
+        },
+    )
+
+    # Logging
+    log_completions: bool = field(
+        default=False,
+        metadata={
+            "help": "Log the (prompt, chosen, rejected) pairs with their self-rewards every `logging_steps`: printed "
+            "with rich when installed, and as a `completions` table to wandb when it is a `report_to` backend."
+        },
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "Pairs printed with rich per log; unset: all."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()  # turns a single `loss_type` string into a list
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations={self.num_generations}: sharpening ranks at least 2 completions per prompt, so "
+                "num_generations must be >= 2."
+            )
+        if self.sample_from not in SAMPLE_FROM:
+            raise ValueError(f"sample_from={self.sample_from!r}; expected one of {list(SAMPLE_FROM)}.")
+        if self.ties not in TIE_HANDLING:
+            raise ValueError(f"ties={self.ties!r}; expected one of {list(TIE_HANDLING)}.")
+        if self.tie_tolerance < 0:
+            raise ValueError(f"tie_tolerance={self.tie_tolerance} must be >= 0.")
+        if self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length={self.max_completion_length} must be >= 1.")
+        if self.max_length is not None and self.max_length <= self.max_completion_length:
+            raise ValueError(
+                f"max_length={self.max_length} leaves no room for a prompt next to "
+                f"max_completion_length={self.max_completion_length}; raise max_length or set it to null."
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (sharpening needs sampled completions).")
+        if self.scoring_batch_size is not None and self.scoring_batch_size < 1:
+            raise ValueError(f"scoring_batch_size={self.scoring_batch_size} must be >= 1 or unset.")
+        if self.precompute_ref_log_probs:
+            raise ValueError(
+                "precompute_ref_log_probs=True does not apply: the pairs are sampled anew every step, and their "
+                "reference log-probs are computed with them (once, shared with the log-prob self-reward)."
+            )
+        if self.ld_alpha is not None:
+            raise ValueError(
+                f"ld_alpha={self.ld_alpha} is not supported: LD-DPO's length-desensitised reference log-probs would "
+                "need a second reference pass next to the self-reward's plain log pi_base(y|x)."
+            )
+        if SHARPEN_LOSS in self.loss_type and self.f_divergence_type != "reverse_kl":
+            raise ValueError(
+                f"loss_type 'sharpen' is the paper's regression on log-ratios (reverse KL); f_divergence_type="
+                f"{self.f_divergence_type!r} is not supported with it."
+            )
+        if self.reanchor_steps < 0:
+            raise ValueError(f"reanchor_steps={self.reanchor_steps} must be >= 0 (0 disables re-anchoring).")
+        if self.reanchor_steps:
+            if self.sync_ref_model and (
+                self.ref_model_mixup_alpha != 1.0 or self.ref_model_sync_steps != self.reanchor_steps
+            ):
+                raise ValueError(
+                    f"reanchor_steps={self.reanchor_steps} sets sync_ref_model with ref_model_mixup_alpha=1.0 and "
+                    f"ref_model_sync_steps={self.reanchor_steps}, but you also set ref_model_mixup_alpha="
+                    f"{self.ref_model_mixup_alpha}, ref_model_sync_steps={self.ref_model_sync_steps}. Use one or the "
+                    "other."
+                )
+            self.sync_ref_model = True
+            self.ref_model_mixup_alpha = 1.0
+            self.ref_model_sync_steps = self.reanchor_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        # A callable self-reward is not JSON-serialisable (logging integrations dump the config as JSON)
+        output = super().to_dict()
+        if callable(output.get("self_reward")):
+            output["self_reward"] = getattr(self.self_reward, "__name__", type(self.self_reward).__name__)
+        return output

@@ -1,0 +1,478 @@
+r"""`SelfRewardDPOTrainer`: RLHF-Sharpening (Huang et al. 2025, Sec. 2.2 / 4.2) as a drop-in `trl.DPOTrainer`.
+
+The objective is $\max_\pi \mathbb{E}_{y\sim\pi}[\log \pi_{base}(y|x)] - \beta\,\mathrm{KL}(\pi\,\|\,\pi_{base})$, whose
+optimum $\pi^*_\beta \propto \pi_{base}^{1+1/\beta}$ sharpens as $\beta \to 0$. Each step, for each prompt, we sample
+k completions (from the policy, or from pi_base), score them with the self-reward, and hand the pair (highest,
+lowest) to DPO's own loss with reference pi_base.
+
+Where the time goes, per step: one generation, one no-grad pi_base pass over the k samples, one policy forward and
+backward over the pairs. With reference = pi_base, the `logprob` self-reward log pi_base(y|x) *is* DPO's reference
+log-probability, so the one pi_base pass serves both: its values enter the batch as `ref_chosen_logps` /
+`ref_rejected_logps`, which DPO's loss reads instead of running its own reference forward. With `sample_from="base"`
+even that pass disappears: the samples' log pi_base(y|x) are recorded during generation.
+
+Hooks for subclasses (XPO builds on them): `_generate`, `_base_logprobs`, `_self_rewards`, `_pair_batch` build the
+batch in `_prepare_inputs`; `_auxiliary_loss` receives the policy's sequence log-probs of the loss forward *with
+gradients* (captured from DPO's own forward, no second pass) and adds to DPO's loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import textwrap
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, is_peft_model
+from datasets import Dataset
+from transformers import AutoTokenizer
+from trl import DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import get_config_model_id, print_prompt_completions_sample, use_adapter
+
+from .data import is_conversational_prompt, tokenize_prompt, validate_prompt_dataset
+from .generation import Completions, build_generation_config, generate_completions
+from .logprobs import sequence_logprobs
+from .self_reward_dpo_config import SHARPEN_LOSS, SelfRewardDPOConfig
+from .self_rewards import get_self_reward
+
+
+logger = logging.getLogger(__name__)
+
+SHARPENING_PAPER = {
+    "title": "Self-Improvement in Language Models: The Sharpening Mechanism",
+    "id": "2412.01951",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @inproceedings{huang2025sharpening,
+            title        = {{Self-Improvement in Language Models: The Sharpening Mechanism}},
+            author       = {Audrey Huang and Adam Block and Dylan J. Foster and Dhruv Rohatgi and Cyril Zhang and Max Simchowitz and Jordan T. Ash and Akshay Krishnamurthy},
+            year         = 2025,
+            booktitle    = {The Thirteenth International Conference on Learning Representations, {ICLR} 2025},
+            url          = {https://openreview.net/forum?id=WJaUkwci9o},
+        }"""),
+}
+
+# Keys of a pair batch that DPO's `_compute_loss` reads; anything else a batch carries is ours and is popped first
+_DPO_BATCH_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+def collate_prompts(examples: list[dict]) -> dict[str, list]:
+    """Prompt-only examples as a dict of lists: the pairs are built per step, in `_prepare_inputs`."""
+    return {key: [example[key] for example in examples] for key in examples[0]}
+
+
+def _tokenize_prompt_column(example, tokenizer):
+    return {"prompt_ids": tokenize_prompt(tokenizer, example["prompt"])}
+
+
+class SelfRewardDPOTrainer(DPOTrainer):
+    r"""RLHF-Sharpening with TRL's DPO losses: online pairs ranked by a self-reward, reference = pi_base.
+
+    Same keyword signature as `trl.DPOTrainer`, with a prompt-only `train_dataset` (TRL's standard or conversational
+    format) and a [`SelfRewardDPOConfig`]. Every TRL DPO `loss_type` works, plus `"sharpen"`, the paper's Eq. 8:
+
+    $$\mathcal{L} = \big(\beta \log\tfrac{\pi(y|x)}{\pi_{base}(y|x)} - \beta \log\tfrac{\pi(y'|x)}{\pi_{base}(y'|x)}
+    - (r(y|x) - r(y'|x))\big)^2,$$
+
+    with y the highest- and y' the lowest-reward sample of a prompt. pi_base is the reference model (loaded from the
+    policy's path when `ref_model` is None), or the adapter-disabled policy with PEFT.
+
+    Metrics, besides DPO's (`rewards/*`, `logps/*`, ...): `self_reward/chosen`, `self_reward/rejected` (mean self-reward
+    of the trained pairs), `self_reward/margin` (their mean difference), `self_reward/ties_skipped` (pairs skipped as
+    ties per step, all processes), `self_reward/sharpen_loss` (with the sharpen loss), `completions/mean_length`
+    (tokens) and `completions/clipped_ratio` (share of samples cut at `max_completion_length`).
+    """
+
+    _tag_names = ["trl", "trl-sharpen", "rlhf-sharpening"]
+    _name = "Self-Reward DPO (RLHF-Sharpening)"
+    _paper = SHARPENING_PAPER
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: SelfRewardDPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = SelfRewardDPOConfig(f"{name.split('/')[-1]}-SelfRewardDPO")
+        elif not isinstance(args, SelfRewardDPOConfig):
+            raise TypeError(f"args must be a SelfRewardDPOConfig, got {type(args).__name__}.")
+        if args.reanchor_steps and (peft_config is not None or is_peft_model(model)):
+            raise ValueError(
+                f"reanchor_steps={args.reanchor_steps} needs a separate pi_base to overwrite, but with PEFT pi_base is "
+                "the adapter-disabled policy. Train without PEFT, or set reanchor_steps=0."
+            )
+        if train_dataset is not None:
+            first = next(iter(train_dataset))
+            if "image" in first or "images" in first:
+                raise ValueError("Prompts with images are not supported: pass text prompts (standard or chat).")
+        super().__init__(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator or collate_prompts,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        # DPO's loss reads the reference log-probs from the batch when this is set. They are computed per step with
+        # the freshly sampled pairs (in `_prepare_inputs`, shared with the self-reward), never over the dataset.
+        self.precompute_ref_logps = True
+        # DPO's loss rejects unknown loss types: it runs the others, `_auxiliary_loss` adds the regression
+        weights = list(zip(self.loss_types, self.loss_weights, strict=True))
+        self.sharpen_weight = sum(weight for loss_type, weight in weights if loss_type == SHARPEN_LOSS)
+        self.loss_types = [loss_type for loss_type, _ in weights if loss_type != SHARPEN_LOSS]
+        self.loss_weights = [weight for loss_type, weight in weights if loss_type != SHARPEN_LOSS]
+        self._check_base_tokenizer(ref_model)
+
+        self.self_reward = get_self_reward(
+            args.self_reward, tokenizer=self._tokenizer, answer_extractor=args.answer_extractor
+        )
+        eos_token_id = self.accelerator.unwrap_model(self.model).generation_config.eos_token_id
+        self.generation_config = build_generation_config(
+            do_sample=True,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_new_tokens=args.max_completion_length,
+            pad_token_id=self._tokenizer.pad_token_id,
+            eos_token_id=self._tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
+            **(args.generation_kwargs or {}),
+        )
+        # Prompts are never truncated: `_prepare_dataset` keeps only prompts with room for a full completion, so the
+        # policy scores exactly the tokens pi_base scored
+        self.pair_collator = DataCollatorForPreference(
+            pad_token_id=self._tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
+        )
+        self._logged_pairs: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "r_c": [], "r_r": []}
+
+    # ------------------------------------------------------------------------------------------------------ data
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        first = next(iter(dataset))
+        if "prompt_ids" in first:  # already prepared (`evaluate` prepares the datasets it is given again)
+            return dataset
+        validate_prompt_dataset(dataset if isinstance(dataset, Dataset) else Dataset.from_list([first]))
+        map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+        with PartialState().main_process_first():
+            dataset = dataset.map(_tokenize_prompt_column, fn_kwargs={"tokenizer": self._tokenizer}, **map_kwargs)
+            # A prompt needs room for a whole completion: the pairs are never truncated (see `pair_collator`)
+            limit = float("inf") if args.max_length is None else args.max_length - args.max_completion_length
+            kept = dataset.filter(lambda example: 0 < len(example["prompt_ids"]) <= limit, **map_kwargs)
+        if isinstance(dataset, Dataset) and len(kept) < len(dataset):
+            logger.warning(
+                "Dropped %d of %d %s prompts that are empty or longer than max_length - max_completion_length = %s "
+                "tokens.",
+                len(dataset) - len(kept),
+                len(dataset),
+                dataset_name,
+                limit,
+            )
+        return kept
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt", "prompt_ids"]
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # `precompute_ref_logps` is on only so that DPO's loss reads the per-step reference log-probs from the batch;
+        # a prompt-only dataset has nothing to precompute (`evaluate(eval_dataset=...)` calls this).
+        return dataset
+
+    # ----------------------------------------------------------------------------------------- per-step pairs
+    def _prepare_inputs(self, inputs):
+        """Sample k completions per prompt, score them, and return the DPO pair batch (Huang et al. 2025, Eq. 8)."""
+        if "input_ids" in inputs:  # already a pair batch
+            return inputs
+        k, from_base = self.args.num_generations, self.args.sample_from == "base"
+        prompt_ids = inputs["prompt_ids"]
+        samples = self._generate(prompt_ids, k, from_base=from_base)
+        row_prompt_ids = [prompt_ids[i] for i in samples.prompt_index]
+        # Sampled from pi_base: generation recorded log pi_base(y|x). Otherwise one pi_base pass, shared with DPO
+        base_logps = torch.tensor(samples.logprobs) if from_base else None
+        if base_logps is None and self.self_reward.requires_base_logprobs:
+            base_logps = self._base_logprobs(row_prompt_ids, samples.completion_ids)
+        rewards = self._self_rewards(inputs, samples, base_logps)
+
+        grouped = rewards.view(-1, k)
+        offsets = torch.arange(grouped.size(0)) * k
+        chosen, rejected = offsets + grouped.argmax(dim=1), offsets + grouped.argmin(dim=1)
+        same = torch.tensor([samples.completion_ids[c] == samples.completion_ids[r] for c, r in zip(chosen, rejected)])
+        tie = same | ((grouped.max(dim=1).values - grouped.min(dim=1).values) <= self.args.tie_tolerance)
+        if self.args.ties == "keep":
+            rejected = torch.where(chosen == rejected, offsets + (chosen - offsets + 1) % k, rejected)
+            keep = torch.ones_like(tie)
+        else:
+            keep = ~tie
+        # With every pair tied, still train on one at zero weight: all processes must run the same forward/backward
+        loss_scale = 1.0 if keep.any() else 0.0
+        if not keep.any():
+            keep[0] = True
+        chosen, rejected = chosen[keep], rejected[keep]
+
+        if base_logps is None:  # a self-reward that does not read pi_base: score only the selected pairs
+            pair_logps = self._base_logprobs(
+                [row_prompt_ids[i] for i in torch.cat([chosen, rejected])],
+                [samples.completion_ids[i] for i in torch.cat([chosen, rejected])],
+            ).chunk(2)
+        else:
+            pair_logps = base_logps[chosen], base_logps[rejected]
+        self._log_samples(inputs, samples, rewards, chosen, rejected, int((tie & ~keep).sum()), loss_scale)
+        return self._pair_batch(
+            [row_prompt_ids[i] for i in chosen],
+            [samples.completion_ids[i] for i in chosen],
+            [samples.completion_ids[i] for i in rejected],
+            *pair_logps,
+            chosen_rewards=rewards[chosen],
+            rejected_rewards=rewards[rejected],
+            loss_scale=torch.tensor(loss_scale),
+        )
+
+    @contextlib.contextmanager
+    def _generation_model(self, from_base: bool):
+        """The model to sample from: the policy, or pi_base (reference model, or adapter-disabled policy)."""
+        if from_base and self.ref_model is not None:
+            ref_model = self.accelerator.unwrap_model(self.ref_model)
+            gather = contextlib.nullcontext()
+            if self._is_zero3():  # the frozen reference is sharded too; gather it for generation
+                import deepspeed
+
+                gather = deepspeed.zero.GatheredParameters(list(ref_model.parameters()))
+            with gather:
+                yield ref_model
+            return
+        with unwrap_model_for_generation(
+            self.model_wrapped,
+            self.accelerator,
+            gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        ) as model:
+            was_training = model.training
+            model.eval()
+            try:
+                with self._base_adapter(model) if from_base else contextlib.nullcontext():
+                    yield model
+            finally:
+                model.train(was_training)
+
+    def _generate(self, prompt_ids: list[list[int]], num_samples: int, from_base: bool) -> Completions:
+        """`num_samples` completions per prompt (prompt-major); from pi_base they carry log pi_base(y|x)."""
+        synced_gpus = self._is_zero3() and not (from_base or self.args.ds3_gather_for_generation)
+        with self._generation_model(from_base) as model:
+            return generate_completions(
+                model,
+                prompt_ids,
+                self.generation_config,
+                num_samples=num_samples,
+                batch_size=len(prompt_ids) * num_samples,
+                record_logprobs=from_base,
+                synced_gpus=synced_gpus,
+            )
+
+    def _base_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> torch.Tensor:
+        """log pi_base(y|x) of each completion (CPU float32): one no-grad forward, micro-batched for memory."""
+        if self.ref_model is not None:
+            model, context = self.ref_model, contextlib.nullcontext()
+        else:  # PEFT: pi_base is the policy with its adapter disabled (or DPO's frozen "ref" adapter)
+            model = self.accelerator.unwrap_model(self.model)
+            context = contextlib.ExitStack()
+            context.enter_context(self._base_adapter(model))
+            context.enter_context(disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs))
+        with torch.no_grad(), context, self.accelerator.autocast():
+            logps = sequence_logprobs(
+                model,
+                prompt_ids,
+                completion_ids,
+                micro_batch_size=self.args.scoring_batch_size or max(1, len(completion_ids)),
+            )
+        return logps.float().cpu()
+
+    def _self_rewards(self, inputs: dict, samples: Completions, base_logps: torch.Tensor | None) -> torch.Tensor:
+        """Self-reward of each sample (TRL reward protocol: extra dataset columns are passed as keyword arguments),
+        minus `missing_eos_penalty` for truncated samples."""
+        rows = samples.prompt_index
+        prompts = [inputs["prompt"][i] for i in rows]
+        completions = self._tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+        if is_conversational_prompt(prompts[0]):
+            completions = [[{"role": "assistant", "content": text}] for text in completions]
+        extra = {
+            key: [values[i] for i in rows] for key, values in inputs.items() if key not in ("prompt", "prompt_ids")
+        }
+        rewards = self.self_reward(
+            prompts,
+            completions,
+            samples.completion_ids,
+            base_logprobs=None if base_logps is None else base_logps.tolist(),
+            group_ids=rows,
+            trainer_state=self.state,
+            **extra,
+        )
+        rewards = torch.tensor(rewards, dtype=torch.float32)
+        if self.args.missing_eos_penalty is not None:
+            rewards[torch.tensor(samples.truncated)] -= self.args.missing_eos_penalty
+        return rewards
+
+    def _pair_batch(self, prompt_ids, chosen_ids, rejected_ids, ref_chosen_logps, ref_rejected_logps, **extras):
+        """DPO's collated pair batch (chosen rows, then rejected rows) on the device, plus our per-pair `extras`.
+
+        Built here rather than by `Trainer._prepare_inputs`, which under DeepSpeed would cast the float32 reference
+        log-probs to bf16 (too coarse for sums of tens of nats)."""
+        examples = [
+            {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+            for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True)
+        ]
+        batch = self.pair_collator(examples)
+        batch.update(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, **extras)
+        return {key: value.to(self.accelerator.device) for key, value in batch.items()}
+
+    # -------------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        extras = {key: inputs.pop(key) for key in list(inputs) if key not in _DPO_BATCH_KEYS}
+        # Capture the policy's per-token log-probs (with gradients) of DPO's own forward, for `_auxiliary_loss`
+        captured = []
+
+        def capture(module, args, output):
+            if not captured:
+                captured.append(output.log_probs)
+
+        handle = self.accelerator.unwrap_model(model).register_forward_hook(capture)
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            handle.remove()
+        loss, outputs = result if return_outputs else (result, None)
+        completion_mask = inputs["completion_mask"][:, 1:]
+        # Zero outside the completion (labels -100); prompt-learning PEFT prepends positions, hence the right slice
+        logps = captured[0][:, -completion_mask.size(1) :].sum(dim=1)
+        loss = loss + self._auxiliary_loss(*logps.chunk(2), inputs, extras)
+        loss = loss * extras.get("loss_scale", 1.0)
+        return (loss, outputs) if return_outputs else loss
+
+    def _auxiliary_loss(self, chosen_logps, rejected_logps, inputs, extras):
+        r"""Loss added to DPO's: here the paper's regression (Eq. 8) when `"sharpen"` is among the loss types.
+
+        `chosen_logps` / `rejected_logps` are log pi(y|x) summed over completion tokens, with gradients, from the same
+        forward as DPO's loss. Subclasses (XPO's bonus alpha * sum log pi(y~|x)) extend this.
+        """
+        if not self.sharpen_weight:
+            return 0.0
+        mode = "train" if self.model.training else "eval"
+        chosen_logratios = chosen_logps - inputs["ref_chosen_logps"]
+        rejected_logratios = rejected_logps - inputs["ref_rejected_logps"]
+        residual = self.beta * (chosen_logratios - rejected_logratios) - (
+            extras["chosen_rewards"] - extras["rejected_rewards"]
+        )
+        sharpen_loss = residual.pow(2).mean()
+        gathered = self.accelerator.gather(sharpen_loss.detach())
+        self._metrics[mode]["self_reward/sharpen_loss"].append(gathered.mean().item())
+        return self.sharpen_weight * sharpen_loss
+
+    # ----------------------------------------------------------------------------------------------- logging
+    def _log_samples(self, inputs, samples, rewards, chosen, rejected, ties_skipped, loss_scale):
+        mode = "train" if self.model.training else "eval"
+        trained = loss_scale > 0
+        lengths = torch.tensor([len(ids) for ids in samples.completion_ids], dtype=torch.float32)
+        stats = torch.tensor(
+            [
+                rewards[chosen].sum().item() if trained else 0.0,
+                rewards[rejected].sum().item() if trained else 0.0,
+                len(chosen) if trained else 0,
+                ties_skipped,
+                lengths.sum().item(),
+                len(lengths),
+                sum(samples.truncated),
+            ],
+            device=self.accelerator.device,
+        )
+        r_chosen, r_rejected, pairs, ties, length, count, clipped = self.accelerator.gather(stats).view(-1, 7).sum(0)
+        metrics = self._metrics[mode]
+        if pairs > 0:
+            metrics["self_reward/chosen"].append((r_chosen / pairs).item())
+            metrics["self_reward/rejected"].append((r_rejected / pairs).item())
+            metrics["self_reward/margin"].append(((r_chosen - r_rejected) / pairs).item())
+        metrics["self_reward/ties_skipped"].append(ties.item())
+        metrics["completions/mean_length"].append((length / count).item())
+        metrics["completions/clipped_ratio"].append((clipped / count).item())
+        if self.args.log_completions:
+            texts = self._tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+            rows = samples.prompt_index
+            for key, values in (
+                ("prompt", [inputs["prompt"][rows[i]] for i in chosen]),
+                ("chosen", [texts[i] for i in chosen]),
+                ("rejected", [texts[i] for i in rejected]),
+                ("r_c", rewards[chosen].tolist()),
+                ("r_r", rewards[rejected].tolist()),
+            ):
+                self._logged_pairs[key] = gather_object(values)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        pairs = self._logged_pairs
+        if not (self.args.log_completions and self.accelerator.is_main_process and pairs["prompt"]):
+            return
+        with contextlib.suppress(ImportError):  # rich is optional
+            print_prompt_completions_sample(
+                pairs["prompt"],
+                pairs["chosen"],
+                {"self_reward/chosen": pairs["r_c"], "self_reward/rejected": pairs["r_r"]},
+                None,
+                self.state.global_step,
+                self.args.num_completions_to_print,
+                extra={"rejected": pairs["rejected"]},
+            )
+        if self.args.report_to and "wandb" in self.args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                columns = ["prompt", "chosen", "rejected", "r_c", "r_r"]
+                data = [
+                    [self.state.global_step, *(str(pairs[c][i]) for c in columns)] for i in range(len(pairs["prompt"]))
+                ]
+                wandb.log({"completions": wandb.Table(columns=["step", *columns], data=data)})
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _is_zero3(self) -> bool:
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        return plugin is not None and plugin.zero_stage == 3
+
+    def _base_adapter(self, peft_model):
+        """With PEFT, pi_base is the policy with adapters disabled, or DPO's frozen copy `"ref"` of a pretrained one."""
+        return use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
+
+    def _check_base_tokenizer(self, ref_model) -> None:
+        """pi_base scores (and with `sample_from="base"` writes) the policy's token ids: refuse another tokenizer."""
+        if ref_model is None:
+            return  # pi_base is loaded from the policy's own path, or is the adapter-disabled policy
+        policy_vocab = self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size
+        base_vocab = ref_model.config.get_text_config().vocab_size
+        problem = None
+        if policy_vocab != base_vocab:
+            problem = f"vocabulary sizes differ (policy {policy_vocab}, pi_base {base_vocab})"
+        else:
+            with contextlib.suppress(Exception):  # no local tokenizer next to pi_base: the size check must do
+                base_tokenizer = AutoTokenizer.from_pretrained(ref_model.name_or_path, local_files_only=True)
+                if base_tokenizer.get_vocab() != self._tokenizer.get_vocab():
+                    problem = f"the tokenizer saved with pi_base ({ref_model.name_or_path}) has another vocabulary"
+        if problem is not None:
+            raise ValueError(
+                f"The reference model pi_base does not share the policy's tokenizer: {problem}. Sharpening scores the "
+                "policy's token ids with pi_base (and with sample_from='base' decodes pi_base's samples with the "
+                "policy's tokenizer), so both must use the same tokenizer."
+            )
