@@ -257,6 +257,8 @@ class SampleSet:
     rewards: dict[str, list[list[float]] | None] = field(default_factory=dict)
     # Samples on which the answer checker raised (counted as wrong)
     checker_errors: int = 0
+    # Token ids of the completions (EOS included unless truncated), to rescore them under another model
+    completion_ids: list[list[list[int]]] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -710,6 +712,7 @@ def evaluate_sharpening(
         truncated=per_prompt(sampled.truncated),
         rewards={name: None if values is None else per_prompt(values) for name, values in rewards.items()},
         checker_errors=checker_errors,
+        completion_ids=per_prompt(sampled.completion_ids),
     )
     settings = {
         "temperature": temperature,
