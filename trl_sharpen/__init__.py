@@ -11,8 +11,6 @@ from .best_of_n import best_of_n
 from .data import load_prompts
 from .generation import generate_completions
 from .logprobs import completion_mask_from_eos, sequence_logprobs
-from .self_reward_dpo_config import SelfRewardDPOConfig
-from .self_reward_dpo_trainer import SelfRewardDPOTrainer
 from .self_rewards import SELF_REWARDS, SelfReward, get_self_reward, register_self_reward
 
 
@@ -31,3 +29,17 @@ __all__ = [
     "register_self_reward",
     "sequence_logprobs",
 ]
+
+# Trainers import TRL's trainer stack (seconds): they load on first access, so `import trl_sharpen` stays light
+_LAZY_EXPORTS = {
+    "SelfRewardDPOConfig": ".self_reward_dpo_config",
+    "SelfRewardDPOTrainer": ".self_reward_dpo_trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
