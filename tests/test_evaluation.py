@@ -175,6 +175,17 @@ def test_every_metric_on_hand_built_samples():
     assert "BoN logprob" in text and "pass@n" in text and "+0.625" in text and "checker" not in text
 
 
+def test_sharpening_error_is_measured_on_the_evaluated_models_own_probabilities():
+    """delta_hat = 1 - max_i pi(y_i|x) under the evaluated model (Def. 3.1), whatever pi_base thinks of the samples."""
+    base_logprobs, policy_logprobs = [[-2.0, -3.0, -4.0]], [[-0.1, -5.0, -6.0]]
+    samples = SampleSet(
+        [["a", "b", "c"]], [["1", "2", "3"]], [[True, False, False]], base_logprobs, policy_logprobs, [[False] * 3]
+    )
+    report = SharpeningReport.from_samples(samples, GreedyEvaluation(1.0, -2.0, ["a"], [True]))
+    assert report.sharpening_error == pytest.approx(1 - math.exp(-0.1)) and report.sharpened_fraction == 1.0
+    assert report.mean_sample_base_logprob == pytest.approx(-3.0)
+
+
 def test_relative_gap_is_undefined_when_every_sample_is_correct():
     logprobs = [[-1.0, -2.0]]
     samples = SampleSet(

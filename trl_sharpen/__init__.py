@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .answers import answers_match, extract_answer
 from .best_of_n import best_of_n
 from .data import load_prompts
+from .evaluation import SharpeningReport, evaluate_greedy, evaluate_sharpening, lift_over_greedy, pass_at_k
 from .generation import generate_completions
 from .logprobs import completion_mask_from_eos, sequence_logprobs
 from .self_rewards import SELF_REWARDS, SelfReward, get_self_reward, register_self_reward
@@ -19,13 +20,18 @@ __all__ = [
     "SelfReward",
     "SelfRewardDPOConfig",
     "SelfRewardDPOTrainer",
+    "SharpeningReport",
     "answers_match",
     "best_of_n",
     "completion_mask_from_eos",
+    "evaluate_greedy",
+    "evaluate_sharpening",
     "extract_answer",
     "generate_completions",
     "get_self_reward",
+    "lift_over_greedy",
     "load_prompts",
+    "pass_at_k",
     "register_self_reward",
     "sequence_logprobs",
 ]

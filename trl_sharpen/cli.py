@@ -185,11 +185,12 @@ def run_eval(args: EvalArguments):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import load_prompts
-    from .evaluation import evaluate_sharpening, format_report, reference_answers
+    from .evaluation import evaluate_sharpening, format_report, reference_answers, validate_sample_count
 
     if args.dataset_name is None:
         raise ValueError("Pass the prompts and reference answers with --dataset_name (a file or a dataset name).")
     self_rewards = [] if [r.lower() for r in args.self_rewards] == ["none"] else list(args.self_rewards)
+    validate_sample_count(args.num_samples, self_rewards)  # before loading anything
     prompts = load_prompts(args.dataset_name, args.dataset_split, args.prompt_column)
     if args.num_prompts is not None:
         prompts = prompts.select(range(min(args.num_prompts, len(prompts))))

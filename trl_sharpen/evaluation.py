@@ -236,6 +236,18 @@ def majority_selection_probabilities(answers: Sequence[str | None], n: int) -> l
     return [none_probability if a is None else win_probability[class_sizes[a]] / class_sizes[a] for a in answers]
 
 
+def validate_sample_count(num_samples: int, self_rewards: Sequence) -> None:
+    """Best-of-N selects among samples: refuse N = 1 when self-rewards are asked for, rather than report BoN@1."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+    if self_rewards and num_samples < 2:
+        raise ValueError(
+            f"Best-of-N with self-rewards {list(self_rewards)} needs at least 2 samples per prompt, got "
+            "num_samples=1: with one sample there is nothing to select. Raise num_samples, or evaluate without "
+            "self-rewards (self_rewards=() / --self_rewards none) for greedy and temperature-1 accuracy only."
+        )
+
+
 # Reports -------------------------------------------------------------------------------------------------------------
 
 
@@ -368,12 +380,7 @@ class SharpeningReport:
         ns = subset_sizes(num_samples) if ns is None else sorted(set(ns))
         if ns[0] < 1 or ns[-1] > num_samples:
             raise ValueError(f"Every n must be in [1, N={num_samples}], got {ns}.")
-        if samples.rewards and num_samples < 2:
-            raise ValueError(
-                f"Best-of-N with self-rewards {list(samples.rewards)} needs at least 2 samples per prompt, got "
-                "num_samples=1: with one sample there is nothing to select. Raise num_samples, or evaluate without "
-                "self-rewards (self_rewards=()) for greedy and temperature-1 accuracy only."
-            )
+        validate_sample_count(num_samples, list(samples.rewards))
         correct = [np.asarray(row, dtype=np.float64) for row in samples.correct]
         base_logprobs = [np.asarray(row, dtype=np.float64) for row in samples.base_logprobs]
         sample_accuracy = float(np.mean([row.mean() for row in correct]))
@@ -606,14 +613,7 @@ def evaluate_sharpening(
     """
     timer = {"start": time.perf_counter()}
     self_rewards = list(self_rewards)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
-    if self_rewards and num_samples < 2:
-        raise ValueError(
-            f"Best-of-N with self-rewards {[getattr(r, '__name__', r) for r in self_rewards]} needs at least 2 "
-            "samples per prompt, got num_samples=1: with one sample there is nothing to select. Raise num_samples, "
-            "or pass self_rewards=() for greedy and temperature-1 accuracy only."
-        )
+    validate_sample_count(num_samples, [getattr(r, "__name__", r) for r in self_rewards])
     if hasattr(prompts, "column_names"):
         if prompt_column not in prompts.column_names:
             raise ValueError(f"The dataset has no `{prompt_column}` column; its columns are {prompts.column_names}.")

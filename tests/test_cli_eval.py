@@ -1,0 +1,79 @@
+"""`trl-sharpen eval` on the bundled toy model: the table, the JSON report, the samples, the plots, and bad input.
+
+The command runs in-process through `trl_sharpen.cli.main` (the console entry point's function): a subprocess would
+spend most of the test importing torch again. `tests/test_cli.py` covers the entry point itself.
+"""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_sharpen.cli import main
+from trl_sharpen.toy import TOY_DATA_DIR, TOY_MODEL_PATH
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The toy model is tiny: on a shared 2-core machine, intra-op threads only wait on each other (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def eval_args(*extra):
+    return [
+        "eval",
+        "--model_name_or_path", TOY_MODEL_PATH,
+        "--dataset_name", f"{TOY_DATA_DIR}/test.jsonl",
+        "--num_prompts", "12",
+        "--max_new_tokens", "40",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_eval_command_prints_the_table_and_writes_report_samples_and_plots(tmp_path, capsys):
+    main(eval_args("--num_samples", "4", "--output_dir", str(tmp_path)))
+    out = capsys.readouterr().out
+    print(out)
+    for line in ("greedy accuracy", "temperature-1 accuracy", "sharpening error delta", "distinct answers among N"):
+        assert line in out
+    assert "n=1     n=2     n=4" in out and "BoN normalized_logprob" in out and "pass@n (oracle)" in out
+    assert "generation-verification gap at n=4" in out
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["num_prompts"] == 12 and report["num_samples"] == 4 and report["ns"] == [1, 2, 4]
+    assert set(report["best_of_n"]) == {"logprob", "normalized_logprob", "majority"}
+    assert report["best_of_n"]["logprob"]["1"] == pytest.approx(report["sample_accuracy"])
+    assert report["pass_at_n"]["4"] >= report["best_of_n"]["logprob"]["4"] >= report["greedy"]["accuracy"]
+    assert report["model"] == TOY_MODEL_PATH and report["settings"]["split"] == "test"
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 * 4 and {"completion", "correct", "base_logprob", "reward/logprob"} <= set(samples[0])
+    if importlib.util.find_spec("matplotlib") is not None:  # the plots are skipped, with a note, without it
+        for name in ("accuracy_vs_n.png", "loglik_histogram.png"):
+            assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_command_without_best_of_n_accepts_one_sample(capsys):
+    main(eval_args("--num_prompts", "4", "--num_samples", "1", "--self_rewards", "none"))
+    out = capsys.readouterr().out
+    assert "temperature-1 accuracy" in out and "BoN" not in out and "gap" not in out
+
+
+def test_eval_command_bad_input(tmp_path, capsys):
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        main(eval_args("--num_samples", "1"))
+    no_answers = tmp_path / "no_answers.jsonl"
+    Dataset.from_dict({"prompt": ["Q : 1 + 2 = ?"], "solution": ["3"]}).to_json(no_answers)
+    with pytest.raises(ValueError, match=r"expected a `answer` column.*\['prompt', 'solution'\]"):
+        main(["eval", "--model_name_or_path", TOY_MODEL_PATH, "--dataset_name", str(no_answers)])
+    main(["eval", "--model_name_or_path", TOY_MODEL_PATH, "--dataset_name", str(no_answers), "--answer_column",
+          "solution", "--num_samples", "2", "--max_new_tokens", "8", "--self_rewards", "logprob"])  # fmt: skip
+    assert "1 prompts, N = 2 samples" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as help_exit:
+        main(["eval", "--help"])
+    assert help_exit.value.code == 0
+    assert "--self_rewards" in capsys.readouterr().out
