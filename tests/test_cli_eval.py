@@ -10,7 +10,10 @@ import json
 import pytest
 import torch
 from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trl_sharpen import sequence_logprobs
 from trl_sharpen.cli import main
 from trl_sharpen.toy import TOY_DATA_DIR, TOY_MODEL_PATH
 
@@ -77,3 +80,28 @@ def test_eval_command_bad_input(tmp_path, capsys):
         main(["eval", "--help"])
     assert help_exit.value.code == 0
     assert "--self_rewards" in capsys.readouterr().out
+
+
+def test_eval_command_scores_a_lora_adapter_under_its_base(tmp_path, capsys):
+    base = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).eval()
+    policy = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    torch.manual_seed(0)
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0.0, 1.0)  # a policy that differs from its base
+    policy.save_pretrained(tmp_path / "adapter")  # no tokenizer saved: it comes from the base
+    args = eval_args("--num_prompts", "4", "--num_samples", "2", "--self_rewards", "logprob")
+    main([*args, "--model_name_or_path", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "eval")])
+    assert "with adapters disabled" in capsys.readouterr().out
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    prompts = [json.loads(line)["prompt"] for line in open(f"{TOY_DATA_DIR}/test.jsonl")][:4]
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_PATH)
+    under_base = sequence_logprobs(
+        base,
+        [tokenizer(prompts[s["prompt_index"]])["input_ids"] for s in samples],
+        [s["completion_ids"] for s in samples],
+    )
+    assert torch.allclose(torch.tensor([s["base_logprob"] for s in samples]), under_base, atol=1e-3)
+    assert max(abs(s["logprob"] - s["base_logprob"]) for s in samples) > 0.1

@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import torch
 from datasets import Dataset
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from trl_sharpen import sequence_logprobs
@@ -255,8 +256,6 @@ def test_evaluate_sharpening_on_the_toy_model(toy_model, toy_tokenizer):
 def test_trained_models_are_scored_under_the_base(toy_model, toy_tokenizer):
     """A separate base scores the samples (same weights here, so the same numbers as generation recorded); a LoRA
     policy passed as its own base is scored with its adapters disabled."""
-    from peft import LoraConfig, get_peft_model
-
     test = load_toy_prompts("test", limit=6)
     kwargs = {"num_samples": 4, "max_new_tokens": 40, "self_rewards": ("logprob",)}
     base_copy = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).eval()

@@ -210,7 +210,10 @@ def run_eval(args: EvalArguments):
         base_model = AutoModelForCausalLM.from_pretrained(args.base_model_name_or_path, **load).to(device)
     else:
         base_model = model if is_adapter else None  # an adapter's base: the same weights with adapters disabled
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    tokenizer_path = args.model_name_or_path
+    if is_adapter and not (Path(tokenizer_path) / "tokenizer_config.json").is_file():
+        tokenizer_path = model.peft_config[model.active_adapter].base_model_name_or_path  # adapters often ship none
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
     report = evaluate_sharpening(
         model,
         tokenizer,
@@ -229,7 +232,9 @@ def run_eval(args: EvalArguments):
         seed=args.seed,
     )
     report.model_name = args.model_name_or_path
-    report.base_model_name = args.base_model_name_or_path or args.model_name_or_path
+    report.base_model_name = args.base_model_name_or_path or (
+        f"{args.model_name_or_path} with adapters disabled" if is_adapter else args.model_name_or_path
+    )
     report.settings.update(dataset=args.dataset_name, split=args.dataset_split)
     print(format_report(report), flush=True)
     if args.output_dir is not None:

@@ -463,7 +463,8 @@ class SharpeningReport:
         return path
 
     def save_samples(self, path: str | os.PathLike) -> Path:
-        """One JSON line per sample: prompt index, completion, extracted answer, correctness, log-probs, rewards."""
+        """One JSON line per sample: prompt index, completion (text and token ids), extracted answer, correctness,
+        log-probs under the evaluated model and pi_base, self-rewards."""
         if self.samples is None:
             raise ValueError("This report carries no samples.")
         path = Path(path)
@@ -482,6 +483,8 @@ class SharpeningReport:
                         "truncated": s.truncated[p][i],
                         **{f"reward/{k}": v[p][i] for k, v in s.rewards.items() if v is not None},
                     }
+                    if s.completion_ids is not None:
+                        record["completion_ids"] = s.completion_ids[p][i]
                     f.write(json.dumps(record) + "\n")
         return path
 
@@ -752,31 +755,36 @@ def _fmt(value: float | None, sign: bool = False) -> str:
 def format_report(report: SharpeningReport) -> str:
     """A readable plain-text summary of a `SharpeningReport` for the terminal."""
     n_max = report.num_samples
-    lines = [
-        f"model: {report.model_name}"
-        + (
-            ""
-            if report.base_model_name == report.model_name
-            else f"   (log-likelihoods under {report.base_model_name})"
+    temperature = report.settings.get("temperature")
+    sampling = "sample" if temperature is None else f"temperature-{temperature:g}"
+    base_note = "" if report.base_model_name == report.model_name else f"   (pi_base: {report.base_model_name})"
+    rows = [
+        ("greedy accuracy", _fmt(report.greedy.accuracy)),
+        (f"{sampling} accuracy (mean over samples)", _fmt(report.sample_accuracy)),
+        ("mean log pi_base(greedy output)", _fmt(report.greedy.mean_base_logprob)),
+        ("mean log pi_base(sample)", _fmt(report.mean_sample_base_logprob)),
+        (
+            "sharpening error delta (mean)",
+            f"{_fmt(report.sharpening_error)}   ({100 * report.sharpened_fraction:.1f}% of prompts have delta < 1/2)",
         ),
-        f"{report.num_prompts} prompts, N = {n_max} samples per prompt"
-        f" (temperature {report.settings.get('temperature', '?')}), {report.num_generated} completions generated",
-        "",
-        f"  greedy accuracy                      {_fmt(report.greedy.accuracy)}",
-        f"  temperature-1 accuracy (per sample)  {_fmt(report.sample_accuracy)}",
-        f"  mean log pi_base(greedy output)      {_fmt(report.greedy.mean_base_logprob)}",
-        f"  mean log pi_base(sample)             {_fmt(report.mean_sample_base_logprob)}",
-        f"  sharpening error delta (mean)        {_fmt(report.sharpening_error)}"
-        f"   ({100 * report.sharpened_fraction:.1f}% of prompts have delta < 1/2)",
-        f"  distinct answers among N (mean)      {report.mean_distinct_answers:.2f}",
-        f"  truncated samples                    {100 * report.truncated_fraction:.1f}%",
+        ("distinct answers among N (mean)", f"{report.mean_distinct_answers:.2f}"),
+        ("truncated samples", f"{100 * report.truncated_fraction:.1f}%"),
     ]
-    errors = report.greedy.checker_errors + report.sample_checker_errors
-    if errors:
-        lines.append(
-            f"  answer checker errors                {errors} completions counted as wrong"
-            f" ({report.greedy.checker_errors} greedy, {report.sample_checker_errors} sampled)"
+    if report.greedy.checker_errors or report.sample_checker_errors:
+        errors = report.greedy.checker_errors + report.sample_checker_errors
+        rows.append(
+            (
+                "answer checker errors",
+                f"{errors} completions counted as wrong ({report.greedy.checker_errors} greedy, "
+                f"{report.sample_checker_errors} sampled)",
+            )
         )
+    lines = [
+        f"model: {report.model_name}{base_note}",
+        f"{report.num_prompts} prompts, N = {n_max} samples per prompt, {report.num_generated} completions generated",
+        "",
+        *(f"  {label:<40}{value}" for label, value in rows),
+    ]
     label_width = max([len("pass@n (oracle)")] + [len(f"BoN {r}") for r in report.best_of_n]) + 2
     header = "accuracy".ljust(label_width) + "".join(f"n={n}".rjust(8) for n in report.ns)
     lines += ["", header, "-" * len(header)]
@@ -784,14 +792,18 @@ def format_report(report: SharpeningReport) -> str:
         lines.append(f"BoN {reward}".ljust(label_width) + "".join(_fmt(curve[n]).rjust(8) for n in report.ns))
     lines.append("pass@n (oracle)".ljust(label_width) + "".join(_fmt(report.pass_at_n[n]).rjust(8) for n in report.ns))
     if report.gap:
-        lines += [
-            "",
-            f"generation-verification gap at n={n_max} (Song et al. 2025): BoN accuracy - temperature-1 accuracy",
+        header = (
             "self-reward".ljust(label_width)
             + "gap".rjust(8)
-            + "relative".rjust(10)
-            + "vs greedy".rjust(11)
-            + "log pi_base".rjust(13),
+            + "relative gap".rjust(14)
+            + "BoN lift over greedy".rjust(22)
+            + "log pi_base(BoN)".rjust(18)
+        )
+        lines += [
+            "",
+            f"generation-verification gap at n={n_max} (Song et al. 2025): BoN@{n_max} accuracy - {sampling} accuracy",
+            header,
+            "-" * len(header),
         ]
         for reward, value in report.gap.items():
             selection = report.best_of_n_selection(reward)
@@ -799,9 +811,9 @@ def format_report(report: SharpeningReport) -> str:
             lines.append(
                 reward.ljust(label_width)
                 + _fmt(value, sign=True).rjust(8)
-                + _fmt(report.relative_gap[reward], sign=True).rjust(10)
-                + (f"{lift.accuracy_lift_pct:+.1f}%" if lift.accuracy_lift_pct is not None else "-").rjust(11)
-                + _fmt(selection.mean_base_logprob).rjust(13)
+                + _fmt(report.relative_gap[reward], sign=True).rjust(14)
+                + (f"{lift.accuracy_lift_pct:+.1f}%" if lift.accuracy_lift_pct is not None else "-").rjust(22)
+                + _fmt(selection.mean_base_logprob).rjust(18)
             )
     return "\n".join(lines)
 
