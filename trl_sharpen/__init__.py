@@ -17,6 +17,8 @@ from .self_rewards import SELF_REWARDS, SelfReward, get_self_reward, register_se
 
 __all__ = [
     "SELF_REWARDS",
+    "BoNSFTConfig",
+    "BoNSFTTrainer",
     "SelfReward",
     "SelfRewardDPOConfig",
     "SelfRewardDPOTrainer",
@@ -38,6 +40,8 @@ __all__ = [
 
 # Trainers import TRL's trainer stack (seconds): they load on first access, so `import trl_sharpen` stays light
 _LAZY_EXPORTS = {
+    "BoNSFTConfig": ".bon_sft_config",
+    "BoNSFTTrainer": ".bon_sft_trainer",
     "SelfRewardDPOConfig": ".self_reward_dpo_config",
     "SelfRewardDPOTrainer": ".self_reward_dpo_trainer",
 }
