@@ -16,9 +16,9 @@ from .self_rewards import SELF_REWARDS, SelfReward, get_self_reward, register_se
 
 
 __all__ = [
-    "SELF_REWARDS",
     "BoNSFTConfig",
     "BoNSFTTrainer",
+    "SELF_REWARDS",
     "SelfReward",
     "SelfRewardDPOConfig",
     "SelfRewardDPOTrainer",
