@@ -28,7 +28,7 @@ def test_bon_command_writes_a_dataset_and_resumes(tmp_path):
     ]  # fmt: skip
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
-    assert "BoN@8 accuracy (logprob)" in first.stdout
+    assert "BoN@8 accuracy (logprob)" in first.stdout and "greedy accuracy" in first.stdout
     result = load_from_disk(str(tmp_path))
     assert len(result) == 20 and set(result["num_samples"]) == {8}
     shard_times = sorted(p.stat().st_mtime for p in (tmp_path / "shards").iterdir())

@@ -71,9 +71,10 @@ def run_best_of_n(args: BestOfNArguments):
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .answers import answers_match
+    from .answers import answers_match, get_answer_extractor
     from .best_of_n import best_of_n
     from .data import load_prompts
+    from .evaluation import evaluate_greedy
 
     if args.dataset_name is None:
         raise ValueError("Pass the prompts with --dataset_name (a file, a saved dataset or a dataset name).")
@@ -112,12 +113,15 @@ def run_best_of_n(args: BestOfNArguments):
         samples = sum(result["num_samples"])
         print(f"Best-of-N: {len(result)} prompts, {samples} samples, saved to {args.output_dir}")
         if args.answer_column is not None:
-            correct = [
-                row["selected_completion"] is not None
-                and answers_match(row["selected_completion"], row[args.answer_column])
-                for row in result
-            ]
-            print(f"BoN@{args.num_samples} accuracy ({args.self_reward}): {sum(correct) / len(correct):.3f}")
+            extractor = get_answer_extractor(args.answer_extractor)
+            answers = result[args.answer_column]
+            greedy = evaluate_greedy(
+                model, tokenizer, result[args.prompt_column], answers, max_new_tokens=args.max_new_tokens
+            )
+            selected = result["selected_completion"]
+            bon = [c is not None and answers_match(c, a, extractor) for c, a in zip(selected, answers, strict=True)]
+            print(f"greedy accuracy:            {greedy.accuracy:.3f}")
+            print(f"BoN@{args.num_samples} accuracy ({args.self_reward}): {sum(bon) / len(bon):.3f}")
     return result
 
 
