@@ -779,11 +779,12 @@ def format_report(report: SharpeningReport) -> str:
                 f"{report.sample_checker_errors} sampled)",
             )
         )
+    width = max(len(label) for label, _ in rows) + 3
     lines = [
         f"model: {report.model_name}{base_note}",
         f"{report.num_prompts} prompts, N = {n_max} samples per prompt, {report.num_generated} completions generated",
         "",
-        *(f"  {label:<40}{value}" for label, value in rows),
+        *(f"  {label:<{width}}{value}" for label, value in rows),
     ]
     label_width = max([len("pass@n (oracle)")] + [len(f"BoN {r}") for r in report.best_of_n]) + 2
     header = "accuracy".ljust(label_width) + "".join(f"n={n}".rjust(8) for n in report.ns)

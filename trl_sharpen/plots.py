@@ -81,12 +81,16 @@ def plot_loglik_histogram(
     report: SharpeningReport, path: str | os.PathLike, title: str | None = None, bins: int = 40
 ) -> Path:
     """Histograms (as densities, so a rare class stays visible) of log pi_base(y|x) of correct and incorrect samples,
-    with each class's mean marked."""
+    with each class's mean (over all its samples) marked."""
     if report.samples is None:
         raise ValueError("The report carries no samples to plot (it was not produced by evaluate_sharpening).")
     base_logprobs = np.asarray(report.samples.base_logprobs, dtype=np.float64).ravel()
     correct = np.asarray(report.samples.correct, dtype=bool).ravel()
-    edges = np.histogram_bin_edges(base_logprobs, bins=bins)
+    # A few degenerate samples (very long or garbled) can sit far in the left tail and squeeze the bulk of both
+    # distributions into a few bins: bin the central 99.5% and say how many samples fell outside.
+    low = float(np.quantile(base_logprobs, 0.005))
+    edges = np.histogram_bin_edges(base_logprobs[base_logprobs >= low], bins=bins)
+    hidden = int((base_logprobs < low).sum())
     figure = _new_figure(6.4, 4.4)
     axes = figure.add_subplot()
     for mask, label, color in ((correct, "correct", "tab:green"), (~correct, "incorrect", "tab:red")):
@@ -95,10 +99,11 @@ def plot_loglik_histogram(
         values = base_logprobs[mask]
         axes.hist(values, bins=edges, density=True, alpha=0.5, color=color, label=f"{label} ({mask.sum()} samples)")
         axes.axvline(values.mean(), color=color, linestyle="--", linewidth=1.5)
-    axes.set_xlabel("log π_base(y|x) of the sample (dashed: class mean)")
+    note = f"\n{hidden} samples below {low:.1f} not shown" if hidden else ""
+    axes.set_xlabel("log π_base(y|x) of the sample")
     axes.set_ylabel("density")
     axes.grid(alpha=0.3)
-    axes.legend(loc="upper left", fontsize="small")
+    axes.legend(loc="best", fontsize="small", title=f"dashed lines: class means{note}", title_fontsize="small")
     axes.set_title(
         title or f"{_short_name(report)}: base log-likelihood of correct vs incorrect samples", fontsize="medium"
     )
