@@ -17,14 +17,7 @@ from trl_sharpen import sequence_logprobs
 from trl_sharpen.cli import main
 from trl_sharpen.toy import TOY_DATA_DIR, TOY_MODEL_PATH
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The toy model is tiny: on a shared 2-core machine, intra-op threads only wait on each other (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .test_evaluation import one_torch_thread  # noqa: F401  (autouse: the toy model runs faster on one thread)
 
 
 def eval_args(*extra):

@@ -258,9 +258,9 @@ def test_trained_models_are_scored_under_the_base(toy_model, toy_tokenizer):
     policy passed as its own base is scored with its adapters disabled."""
     test = load_toy_prompts("test", limit=6)
     kwargs = {"num_samples": 4, "max_new_tokens": 40, "self_rewards": ("logprob",)}
-    base_copy = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).eval()
+    base_copy = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).train()  # e.g. a reference mid-training
     separate = evaluate_sharpening(toy_model, toy_tokenizer, test, base_model=base_copy, **kwargs)
-    assert not separate.settings["base_is_model"]
+    assert not separate.settings["base_is_model"] and base_copy.training  # eval mode only while scoring
     assert torch.allclose(
         torch.tensor(separate.samples.base_logprobs), torch.tensor(separate.samples.logprobs), atol=1e-4
     )

@@ -19,6 +19,7 @@ Carlo draws, so the curves carry no subsampling noise).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -79,6 +80,17 @@ def check_answers(checker: AnswerChecker, completions: Sequence[str], references
     return correct, errors
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Dropout off while generating or scoring (a model may arrive mid-training), restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate_greedy(
     model: torch.nn.Module,
@@ -111,17 +123,13 @@ def evaluate_greedy(
         if getattr(model.generation_config, "eos_token_id", None) is None
         else model.generation_config.eos_token_id,
     )
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         greedy = generate_completions(model, prompt_ids, config, batch_size=batch_size, record_logprobs=False)
-    finally:
-        model.train(was_training)
     texts = tokenizer.batch_decode(greedy.completion_ids, skip_special_tokens=True)
     correct, checker_errors = check_answers(checker, texts, answers)
     mean_base_logprob = None
     if base_model is not None:
-        with base_scoring_context(base_model):
+        with eval_mode(base_model), base_scoring_context(base_model):
             logprobs = sequence_logprobs(base_model, prompt_ids, greedy.completion_ids)
         mean_base_logprob = logprobs.mean().item()
     return GreedyEvaluation(
@@ -660,30 +668,20 @@ def evaluate_sharpening(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=_eos_token_ids(model, tokenizer),
     )
-    was_training = model.training
-    model.eval()
     devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            sampled = generate_completions(model, prompt_ids, config, num_samples=num_samples, batch_size=batch_size)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        sampled = generate_completions(model, prompt_ids, config, num_samples=num_samples, batch_size=batch_size)
     timer["sampling"] = time.perf_counter()
 
     expanded_prompt_ids = [prompt_ids[p] for p in sampled.prompt_index]
     if base_model is None:
         base_logprobs = list(sampled.logprobs)
     else:
-        was_training = base_model.training
-        base_model.eval()
-        try:
-            with base_scoring_context(base_model):
-                base_logprobs = sequence_logprobs(
-                    base_model, expanded_prompt_ids, sampled.completion_ids, micro_batch_size=scoring_batch_size
-                ).tolist()
-        finally:
-            base_model.train(was_training)
+        with eval_mode(base_model), base_scoring_context(base_model):
+            base_logprobs = sequence_logprobs(
+                base_model, expanded_prompt_ids, sampled.completion_ids, micro_batch_size=scoring_batch_size
+            ).tolist()
     texts = tokenizer.batch_decode(sampled.completion_ids, skip_special_tokens=True)
     references = [answers[p] for p in sampled.prompt_index]
     correct, checker_errors = check_answers(checker, texts, references)
