@@ -225,7 +225,8 @@ class BoNSFTTrainer(SFTTrainer):
             peft_config=peft_config,
         )
         self._deferred_train_dataset = None
-        self._prompts = train_dataset.remove_columns([c for c in BON_FEATURES if c in train_dataset.column_names])
+        bon_columns = [c for c in BON_FEATURES if c in train_dataset.column_names]
+        self._prompts = train_dataset.remove_columns(bon_columns) if bon_columns else train_dataset
         self._round = None
         self.bon_dataset = None
         if is_bon_dataset(train_dataset):
