@@ -221,6 +221,7 @@ class SelfRewardDPOTrainer(DPOTrainer):
             keep = torch.ones_like(tie)
         else:
             keep = ~tie
+        ties_skipped = int((tie & ~keep).sum())
         # With every pair tied, still train on one at zero weight: all processes must run the same forward/backward
         loss_scale = 1.0 if keep.any() else 0.0
         if not keep.any():
@@ -234,7 +235,7 @@ class SelfRewardDPOTrainer(DPOTrainer):
             ).chunk(2)
         else:
             pair_logps = base_logps[chosen], base_logps[rejected]
-        self._log_samples(inputs, samples, rewards, chosen, rejected, int((tie & ~keep).sum()), loss_scale)
+        self._log_samples(inputs, samples, rewards, chosen, rejected, ties_skipped, loss_scale)
         return self._pair_batch(
             [row_prompt_ids[i] for i in chosen],
             [samples.completion_ids[i] for i in chosen],

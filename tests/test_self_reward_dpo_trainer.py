@@ -1,0 +1,310 @@
+"""SelfRewardDPOTrainer on the bundled toy base: training mechanics, the shared pi_base pass, bad input, quality."""
+
+import math
+import time
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from trl_sharpen import SelfRewardDPOConfig, SelfRewardDPOTrainer
+from trl_sharpen.evaluation import evaluate_greedy
+from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
+
+
+def make_config(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,  # exact float32 numerics (TRL configs default to bf16 autocast, also on CPU)
+        report_to="none",
+        per_device_train_batch_size=8,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        max_completion_length=40,
+        save_strategy="no",
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return SelfRewardDPOConfig(**kwargs)
+
+
+def make_trainer(tmp_path, model, tokenizer, train_dataset=None, **overrides):
+    return SelfRewardDPOTrainer(
+        model=model,
+        args=make_config(tmp_path, **overrides),
+        train_dataset=train_dataset if train_dataset is not None else load_toy_prompts("train").select(range(64)),
+        processing_class=tokenizer,
+    )
+
+
+def base_state():
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).state_dict().items()}
+
+
+def count_scoring_forwards(model):
+    """Count pi_base scoring passes: backbone calls without a KV cache (generation always runs with one)."""
+    calls = []
+    backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = backbone.model
+
+    def hook(module, args, kwargs):
+        if kwargs.get("use_cache") is False:
+            calls.append(kwargs["input_ids"].size(0))
+
+    backbone.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+def last(log_history, key):
+    return [entry[key] for entry in log_history if key in entry]
+
+
+def test_trains_policy_keeps_reference_tags_and_logs_metrics(tmp_path, toy_model, toy_tokenizer):
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer)
+    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+
+    changed = [name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])]
+    assert changed, "no trainable parameter changed"
+    base = base_state()
+    for name, p in trainer.ref_model.state_dict().items():
+        assert torch.equal(p, base[name]), f"reference parameter {name} changed"
+
+    for tag in ("trl", "trl-sharpen", "rlhf-sharpening"):
+        assert tag in trainer.model.model_tags
+    history = trainer.state.log_history
+    for key in (
+        "loss",
+        "self_reward/chosen",
+        "self_reward/rejected",
+        "self_reward/margin",
+        "self_reward/ties_skipped",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ):
+        assert last(history, key), f"metric {key} was not logged"
+    assert all(m >= 0 for m in last(history, "self_reward/margin"))
+    trainer.create_model_card(model_name="toy-sharpened")
+    card = (tmp_path / "README.md").read_text()
+    assert "2412.01951" in card and "Sharpening Mechanism" in card
+
+
+@pytest.mark.parametrize("num_generations", [2, 4])
+def test_logprob_reward_and_reference_logps_come_from_one_pi_base_forward(
+    tmp_path, toy_model, toy_tokenizer, num_generations
+):
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, num_generations=num_generations, max_steps=3)
+    calls = count_scoring_forwards(trainer.ref_model)
+    trainer.train()
+    # One pi_base forward per step, over all k samples of every prompt; DPO runs no reference forward of its own
+    assert calls == [8 * num_generations] * 3
+    history = trainer.state.log_history
+    # Step 1: the policy is still pi_base, so DPO's policy log-probs equal the self-reward log pi_base(y|x) it was
+    # ranked by, and the implicit rewards beta * log(pi / pi_ref) from the reference log-probs in the batch are 0
+    assert last(history, "logps/chosen")[0] == pytest.approx(last(history, "self_reward/chosen")[0], abs=1e-4)
+    assert last(history, "logps/rejected")[0] == pytest.approx(last(history, "self_reward/rejected")[0], abs=1e-4)
+    assert last(history, "rewards/chosen")[0] == pytest.approx(0.0, abs=1e-5)
+    assert last(history, "rewards/rejected")[0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_sample_from_base_needs_no_scoring_forward(tmp_path, toy_model, toy_tokenizer):
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, sample_from="base")
+    calls = count_scoring_forwards(trainer.ref_model) + count_scoring_forwards(trainer.model)
+    trainer.train()
+    assert calls == []  # log pi_base(y|x) of base samples is recorded during generation
+    history = trainer.state.log_history
+    assert last(history, "logps/chosen")[0] == pytest.approx(last(history, "self_reward/chosen")[0], abs=1e-3)
+    assert last(history, "rewards/margins")[0] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_reward_that_ignores_pi_base_scores_only_the_pairs(tmp_path, toy_model, toy_tokenizer):
+    def answer_length(prompts, completions, completion_ids, **kwargs):
+        return [float(len(ids)) for ids in completion_ids]
+
+    trainer = make_trainer(
+        tmp_path, toy_model, toy_tokenizer, self_reward=answer_length, num_generations=4, max_steps=1
+    )
+    calls = count_scoring_forwards(trainer.ref_model)
+    trainer.train()
+    pairs = 8 - last(trainer.state.log_history, "self_reward/ties_skipped")[0]
+    assert calls == [2 * pairs]  # reference log-probs of the chosen and rejected samples only, in one forward
+
+
+def test_sharpen_loss_is_the_papers_regression(tmp_path, toy_model, toy_tokenizer):
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, loss_type=["sigmoid", "sharpen"], loss_weights=[1, 2])
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    reward_gap = batch["chosen_rewards"] - batch["rejected_rewards"]
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    # At initialisation pi = pi_base: log-ratios are 0, so Eq. 8 is mean((r(y) - r(y'))^2) and sigmoid is log 2
+    expected = math.log(2) + 2 * reward_gap.pow(2).mean().item()
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    assert trainer._metrics["train"]["self_reward/sharpen_loss"][-1] == pytest.approx(reward_gap.pow(2).mean().item())
+    loss.backward()  # and it has gradients through the policy
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
+
+
+def test_all_pairs_tied_trains_on_nothing(tmp_path, toy_model, toy_tokenizer):
+    def constant(prompts, completions, completion_ids, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, self_reward=constant, max_steps=1)
+    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    assert last(trainer.state.log_history, "self_reward/ties_skipped") == [8.0]
+    assert last(trainer.state.log_history, "loss") == [0.0]
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[name])
+
+
+def test_reanchoring_copies_the_policy_into_pi_base(tmp_path, toy_model, toy_tokenizer):
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, reanchor_steps=2, max_steps=2)
+    trainer.train()
+    base = base_state()
+    ref = trainer.ref_model.state_dict()
+    policy = trainer.model.state_dict()
+    assert any(not torch.equal(ref[name], base[name]) for name in ref), "pi_base was never re-anchored"
+    for name, value in ref.items():
+        assert torch.equal(value, policy[name]), f"{name}: pi_base differs from the policy after re-anchoring"
+
+
+def test_peft_uses_the_adapter_disabled_model_as_pi_base(tmp_path, toy_model, toy_tokenizer):
+    from peft import LoraConfig
+
+    trainer = SelfRewardDPOTrainer(
+        model=toy_model,
+        args=make_config(tmp_path, sample_from="base", learning_rate=1e-2),
+        train_dataset=load_toy_prompts("train").select(range(64)),
+        processing_class=toy_tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    assert trainer.ref_model is None
+    adapter_before = {k: v.clone() for k, v in trainer.model.named_parameters() if "lora_B" in k}
+    trainer.train()
+    assert any(
+        not torch.equal(p, adapter_before[k]) for k, p in trainer.model.named_parameters() if k in adapter_before
+    )
+    base = base_state()
+    with trainer.model.disable_adapter():
+        for name, value in trainer.model.get_base_model().state_dict().items():
+            if "lora_" not in name:
+                assert torch.equal(value, base[name.replace(".base_layer", "")]), name
+    history = trainer.state.log_history
+    # base samples scored at generation with the adapter disabled = the policy's own log-probs at step 1
+    assert last(history, "logps/chosen")[0] == pytest.approx(last(history, "self_reward/chosen")[0], abs=1e-3)
+
+
+def test_conversational_prompts_and_evaluate(tmp_path, toy_model, toy_tokenizer):
+    train = load_toy_prompts("train", conversational=True).select(range(16))
+    trainer = SelfRewardDPOTrainer(
+        model=toy_model,
+        args=make_config(tmp_path, max_steps=1),
+        train_dataset=train,
+        eval_dataset=load_toy_prompts("test", conversational=True).select(range(8)),
+        processing_class=toy_tokenizer,
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert "eval_self_reward/ties_skipped" in metrics and "eval_loss" in metrics
+    # a dataset handed to `evaluate` later is prepared the same way
+    assert "eval_completions/mean_length" in trainer.evaluate(load_toy_prompts("test").select(range(8)))
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"num_generations": 1}, "num_generations=1"),
+        ({"sample_from": "reference"}, "sample_from='reference'"),
+        ({"ties": "random"}, "ties='random'"),
+        ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
+        ({"max_length": 32, "max_completion_length": 40}, "max_length=32"),
+        ({"reanchor_steps": -1}, "reanchor_steps=-1"),
+    ],
+)
+def test_bad_config_values_are_refused(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_config(tmp_path, **overrides)
+
+
+def test_preference_dataset_is_refused_with_the_expected_format(tmp_path, toy_model, toy_tokenizer):
+    preference = Dataset.from_dict({"prompt": ["Q : 1 + 2 = ?"], "chosen": ["answer 3"], "rejected": ["answer 4"]})
+    with pytest.raises(ValueError, match="preference dataset.*prompt-only"):
+        make_trainer(tmp_path, toy_model, toy_tokenizer, train_dataset=preference)
+
+
+def wrong_length(prompts, completions, completion_ids, **kwargs):
+    return [0.0]
+
+
+def not_a_number(prompts, completions, completion_ids, **kwargs):
+    return [math.nan] * len(completions)
+
+
+def infinite(prompts, completions, completion_ids, **kwargs):
+    return [-math.inf] * len(completions)
+
+
+@pytest.mark.parametrize("reward", [wrong_length, not_a_number, infinite])
+def test_bad_reward_values_raise_naming_the_reward(tmp_path, toy_model, toy_tokenizer, reward):
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, self_reward=reward, max_steps=1)
+    with pytest.raises(ValueError, match=f"`{reward.__name__}`"):
+        trainer.train()
+
+
+def test_pi_base_with_another_tokenizer_is_refused(tmp_path, toy_model, toy_tokenizer):
+    config = LlamaConfig(
+        vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    other_base = LlamaForCausalLM(config)
+    with pytest.raises(ValueError, match="tokenizer.*vocabulary sizes differ"):
+        SelfRewardDPOTrainer(
+            model=toy_model,
+            ref_model=other_base,
+            args=make_config(tmp_path, sample_from="base"),
+            train_dataset=load_toy_prompts("train").select(range(8)),
+            processing_class=toy_tokenizer,
+        )
+
+
+def test_reanchoring_with_peft_is_refused(tmp_path, toy_model, toy_tokenizer):
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match="reanchor_steps=2.*PEFT"):
+        SelfRewardDPOTrainer(
+            model=toy_model,
+            args=make_config(tmp_path, reanchor_steps=2),
+            train_dataset=load_toy_prompts("train").select(range(8)),
+            processing_class=toy_tokenizer,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------- quality
+# The toy recipe's hyperparameters (recipes/dpo_sharpen/toy_cpu.yaml), with fewer steps
+QUALITY = dict(per_device_train_batch_size=32, max_steps=10, learning_rate=1e-3, lr_scheduler_type="constant")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ["sigmoid", "sharpen"])
+def test_sharpening_lifts_toy_greedy_accuracy(tmp_path, toy_model, toy_tokenizer, loss_type):
+    test = load_toy_prompts("test")
+    before = evaluate_greedy(toy_model, toy_tokenizer, test["prompt"], test["answer"]).accuracy
+    trainer = make_trainer(
+        tmp_path, toy_model, toy_tokenizer, train_dataset=load_toy_prompts("train"), loss_type=loss_type, **QUALITY
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    after = evaluate_greedy(trainer.model, toy_tokenizer, test["prompt"], test["answer"]).accuracy
+    print(f"{loss_type}: greedy accuracy {before:.3f} -> {after:.3f} in {seconds:.0f} s of training")
+    assert before < 0.15
+    assert after >= 0.7
+    assert seconds <= 300
