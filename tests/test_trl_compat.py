@@ -1,0 +1,85 @@
+"""The non-public TRL / transformers internals our trainers override or call, checked against the installed versions.
+
+A TRL upgrade that renames one of them, changes its parameters, or changes the behaviour we build on fails here, by
+name, instead of silently changing what the trainers train.
+"""
+
+import dataclasses
+import inspect
+
+import pytest
+import trl.models.utils
+import trl.trainer.utils
+from transformers import Trainer
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+
+def leading_parameters(function, count):
+    return list(inspect.signature(function).parameters)[:count]
+
+
+# SelfRewardDPOTrainer (trl_sharpen/self_reward_dpo_trainer.py): (owner, name, leading parameters)
+SELF_REWARD_DPO_INTERNALS = [
+    # overridden
+    (DPOTrainer, "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
+    (DPOTrainer, "_set_signature_columns_if_needed", ["self"]),
+    (DPOTrainer, "_precompute_ref_logps", ["self", "dataset", "name", "batch_size"]),
+    (Trainer, "_prepare_inputs", ["self", "inputs"]),
+    # called
+    (trl.trainer.utils, "use_adapter", ["model", "adapter_name"]),
+    (trl.trainer.utils, "get_config_model_id", ["config"]),
+    (
+        trl.trainer.utils,
+        "print_prompt_completions_sample",
+        ["prompts", "completions", "rewards", "advantages", "step", "num_samples", "extra"],
+    ),
+    (
+        trl.models.utils,
+        "unwrap_model_for_generation",
+        ["model", "accelerator", "gather_deepspeed3_params", "generation_kwargs", "gradient_checkpointing_kwargs"],
+    ),
+    (trl.models.utils, "disable_gradient_checkpointing", ["model", "gradient_checkpointing_kwargs"]),
+]
+
+
+@pytest.mark.parametrize(
+    "owner, name, parameters", SELF_REWARD_DPO_INTERNALS, ids=[name for _, name, _ in SELF_REWARD_DPO_INTERNALS]
+)
+def test_self_reward_dpo_trl_internals_exist_with_their_parameters(owner, name, parameters):
+    assert hasattr(owner, name), f"{owner.__name__}.{name} is gone"
+    assert leading_parameters(getattr(owner, name), len(parameters)) == parameters
+
+
+def test_self_reward_dpo_relies_on_dpo_loss_reading_reference_logps_from_the_batch():
+    source = inspect.getsource(DPOTrainer._compute_loss)
+    # `precompute_ref_logps` switches DPO's loss to the batch's reference log-probs (we set it per trainer)
+    assert "if self.precompute_ref_logps:" in source
+    assert 'inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]' in source
+    # every other batch key is passed to the model, so our own keys are popped before calling it
+    assert '_non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}' in source
+    # the loss list we strip `sharpen` from, and the fused-head forward whose `log_probs` we capture with a hook
+    assert "zip(self.loss_types, self.loss_weights, strict=True)" in source
+    assert "model(**model_kwargs, labels=labels, fused_lm_head=True)" in source
+    assert "outputs.log_probs" in source
+    assert "log_probs" in {field.name for field in dataclasses.fields(trl.trainer.utils.FusedCausalLMOutput)}
+    # DPO sets these in __init__ and we read or replace them
+    init = inspect.getsource(DPOTrainer.__init__)
+    for attribute in (
+        "self.precompute_ref_logps",
+        "self.loss_types",
+        "self.loss_weights",
+        "self._tokenizer",
+        "self.beta",
+    ):
+        assert f"{attribute} =" in init, attribute
+    assert "SyncRefModelCallback(ref_model=self.ref_model" in init  # re-anchoring (reanchor_steps)
+    assert "self._signature_columns = None" in inspect.getsource(Trainer.__init__)
+
+
+def test_self_reward_dpo_config_fields_it_builds_on():
+    fields = {field.name for field in dataclasses.fields(DPOConfig)}
+    for name in ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "precompute_ref_log_probs"):
+        assert name in fields
+    assert leading_parameters(DataCollatorForPreference, 2) == ["pad_token_id", "max_length"]
+    assert "pad_to_multiple_of" in inspect.signature(DataCollatorForPreference).parameters
