@@ -8,6 +8,7 @@ from accelerate import PartialState
 from datasets import DatasetDict, load_dataset
 from trl import ScriptArguments
 
+from .answers import extract_answer
 from .data import is_saved_dataset
 from .evaluation import evaluate_greedy
 from .toy import TOY_DATA_DIR
@@ -34,6 +35,24 @@ class SharpenScriptArguments(ScriptArguments):
     )
     num_eval_prompts: int = field(default=200, metadata={"help": "Test prompts used for the greedy evaluation."})
     eval_max_new_tokens: int = field(default=64, metadata={"help": "Generation length of the greedy evaluation."})
+    prompt_column: str = field(
+        default="prompt",
+        metadata={"help": "Column holding the prompts, renamed to `prompt` (e.g. `question` for openai/gsm8k)."},
+    )
+    chat_prompts: bool = field(
+        default=False,
+        metadata={
+            "help": "Wrap plain-text prompts as one user message, so the tokenizer's chat template is applied "
+            "(instruct models)."
+        },
+    )
+    extract_reference_answers: bool = field(
+        default=False,
+        metadata={
+            "help": "The reference answers are worked solutions (openai/gsm8k: '... #### 72'): compare against the "
+            "final answer extracted from them (last \\boxed{} or last number)."
+        },
+    )
 
 
 def load_prompt_datasets(script_args: SharpenScriptArguments) -> DatasetDict:
@@ -46,6 +65,13 @@ def load_prompt_datasets(script_args: SharpenScriptArguments) -> DatasetDict:
     if script_args.num_train_prompts is not None:
         train = dataset[script_args.dataset_train_split]
         dataset[script_args.dataset_train_split] = train.select(range(min(len(train), script_args.num_train_prompts)))
+    if script_args.prompt_column != "prompt":
+        dataset = dataset.rename_column(script_args.prompt_column, "prompt")
+    if script_args.chat_prompts:
+        dataset = dataset.map(lambda example: {"prompt": [{"role": "user", "content": example["prompt"]}]})
+    column = script_args.eval_answer_column
+    if script_args.extract_reference_answers and column is not None:
+        dataset = dataset.map(lambda example: {column: extract_answer(example[column])})
     return dataset
 
 
