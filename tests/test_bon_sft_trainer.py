@@ -77,7 +77,7 @@ def test_bon_sft_sharpens_toy_base(tmp_path, toy_model, toy_tokenizer):
     trainer = make_trainer(
         tmp_path,
         toy_tokenizer,
-        train_dataset=load_toy_prompts("train", limit=500),
+        train_dataset=load_toy_prompts("train", limit=300),
         num_samples=16,
         per_device_train_batch_size=32,
         num_train_epochs=1,

@@ -8,7 +8,9 @@ import dataclasses
 import inspect
 
 import pytest
+import trl
 import trl.models.utils
+import trl.trainer.base_trainer
 import trl.trainer.utils
 from transformers import Trainer
 from trl import DPOConfig, DPOTrainer
@@ -83,3 +85,70 @@ def test_self_reward_dpo_config_fields_it_builds_on():
         assert name in fields
     assert leading_parameters(DataCollatorForPreference, 2) == ["pad_token_id", "max_length"]
     assert "pad_to_multiple_of" in inspect.signature(DataCollatorForPreference).parameters
+
+
+# BoNSFTTrainer (trl_sharpen/bon_sft_trainer.py): (owner, name, leading parameters)
+BON_SFT_INTERNALS = [
+    # overridden
+    (
+        trl.SFTTrainer,
+        "_prepare_dataset",
+        ["self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"],
+    ),
+    # called
+    (
+        trl.models.utils,
+        "unwrap_model_for_generation",
+        ["model", "accelerator", "gather_deepspeed3_params", "generation_kwargs", "gradient_checkpointing_kwargs"],
+    ),
+    (trl.models.utils, "prepare_deepspeed", ["model", "accelerator"]),
+    (trl.trainer.utils, "create_model_from_path", ["model_id", "architecture"]),
+    (trl.trainer.utils, "get_config_model_id", ["config"]),
+    (trl.trainer.base_trainer._BaseTrainer, "create_model_card", ["self", "model_name", "dataset_name", "tags"]),
+]
+
+
+@pytest.mark.parametrize("owner, name, parameters", BON_SFT_INTERNALS, ids=[name for _, name, _ in BON_SFT_INTERNALS])
+def test_bon_sft_trl_internals_exist_with_their_parameters(owner, name, parameters):
+    assert hasattr(owner, name), f"{owner.__name__}.{name} is gone"
+    assert leading_parameters(getattr(owner, name), len(parameters)) == parameters
+
+
+def test_bon_sft_keeps_sft_trainer_signature_and_relies_on_its_init_order():
+    from trl_sharpen.bon_sft_trainer import BoNSFTTrainer
+
+    assert list(inspect.signature(BoNSFTTrainer.__init__).parameters) == list(
+        inspect.signature(trl.SFTTrainer.__init__).parameters
+    )
+    init = inspect.getsource(trl.SFTTrainer.__init__)
+    # The train dataset reaches `_prepare_dataset` as the object we passed (we defer it by identity), before
+    # `Trainer.__init__`, and `_metrics` (where our `bon/` metrics go) is created afterwards, in `__init__`
+    prepare = init.index(
+        "train_dataset = self._prepare_dataset(\n                train_dataset, processing_class, args"
+    )
+    assert prepare < init.index("super().__init__(") < init.index('self._metrics = {"train": defaultdict(list)')
+    assert "self.completion_only_loss = args.completion_only_loss" in init
+    # Pre-tokenized rows get their labels from `completion_mask` when `completion_only_loss` is on
+    assert 'if self.completion_only_loss and "completion_mask" in column_names:' in inspect.getsource(
+        trl.SFTTrainer._prepare_dataset
+    )
+    # `log` averages `_metrics[mode]` into the logged record, then clears it
+    log = inspect.getsource(trl.SFTTrainer.log)
+    assert "self._metrics[mode].items()" in log and "self._metrics[mode].clear()" in log
+    # Model cards read the class attributes we set
+    card = inspect.getsource(trl.trainer.base_trainer._BaseTrainer.create_model_card)
+    assert "self._tag_names" in card and 'self._paper.get("citation")' in card and "self._name" in card
+
+
+def test_bon_sft_current_policy_relies_on_the_training_loop_order():
+    """`sampling_policy="current"` swaps the rows behind the train dataset in `on_epoch_begin`: the dataloader must
+    hold the dataset object itself (not a copy) and be iterated only after the callback ran."""
+    dataloader = inspect.getsource(Trainer._get_dataloader)
+    assert "DataLoader(dataset, **dataloader_params)" in dataloader
+    loop = inspect.getsource(Trainer._inner_training_loop)
+    assert loop.index("self.callback_handler.on_epoch_begin(") < loop.index("self._run_epoch(")
+    assert "epoch_iterator = iter(train_dataloader)" in inspect.getsource(Trainer._run_epoch)
+    # Trainer attributes read to find the model to sample from and whether ZeRO-3 partitions it
+    init = inspect.getsource(Trainer.__init__)
+    assert "self.model_wrapped = model" in init
+    assert "self.is_deepspeed_enabled" in init
