@@ -1,5 +1,10 @@
 """BoNSFTTrainer on the bundled toy base: quality, PEFT, resume, adaptive sampling, the current policy, bad input."""
 
+import importlib.util
+import re
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
@@ -292,3 +297,40 @@ def test_sft_config_is_accepted():
     assert isinstance(converted, BoNSFTConfig)
     assert converted.learning_rate == 1e-4 and converted.use_cpu and converted.completion_only_loss
     assert converted.num_samples == 50 and converted.temperature == 1.0
+
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "sft_sharpen.py"
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("sft_sharpen_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("yaml_name", ["toy_cpu.yaml", "qwen2.5_1.5b_instruct_gsm8k.yaml"])
+def test_recipe_yaml_parses(yaml_name):
+    # The GPU recipe's bf16 cannot be validated on a CPU-only machine
+    cpu = [] if yaml_name.startswith("toy") else ["--bf16", "false"]
+    script_args, training_args, model_args = (
+        load_recipe()
+        .make_parser()
+        .parse_args_and_config(["--config", str(RECIPE.parent / "sft_sharpen" / yaml_name), *cpu])
+    )
+    assert isinstance(training_args, BoNSFTConfig)
+    if yaml_name.startswith("qwen"):
+        assert (training_args.num_samples, training_args.learning_rate, training_args.max_grad_norm) == (50, 3e-4, 0.1)
+        assert model_args.use_peft and model_args.lora_r == 16 and script_args.prompt_column == "question"
+
+
+@pytest.mark.slow
+def test_toy_recipe_runs_with_accelerate_launch(tmp_path):
+    command = ["accelerate", "launch", str(RECIPE), "--config", str(RECIPE.parent / "sft_sharpen" / "toy_cpu.yaml")]
+    overrides = ["--output_dir", str(tmp_path), "--num_train_prompts", "300"]
+    result = subprocess.run(command + overrides, capture_output=True, text=True, cwd=RECIPE.parents[1], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = dict(re.findall(r"\[(before|after)\] greedy accuracy on 200 test prompts: ([\d.]+)", result.stdout))
+    assert float(accuracy["before"]) < 0.2 and float(accuracy["after"]) >= 0.8
+    assert (tmp_path / "bon_data" / "bon_run.json").exists() and (tmp_path / "model.safetensors").exists()
+    assert "sft-sharpening" in (tmp_path / "README.md").read_text()

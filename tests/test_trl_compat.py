@@ -151,4 +151,6 @@ def test_bon_sft_current_policy_relies_on_the_training_loop_order():
     # Trainer attributes read to find the model to sample from and whether ZeRO-3 partitions it
     init = inspect.getsource(Trainer.__init__)
     assert "self.model_wrapped = model" in init
-    assert "self.is_deepspeed_enabled" in init
+    assert "self.is_deepspeed_enabled" in init and "self.is_model_parallel" in init
+    # Under DeepSpeed / FSDP the model is placed only when training starts: sampling in `__init__` places it itself
+    assert "self.place_model_on_device = False" in init

@@ -1,0 +1,115 @@
+"""SFT-Sharpening with `BoNSFTTrainer`: SFT on the base model's own Best-of-N samples, ranked by log pi_base(y|x).
+
+Huang et al., "Self-Improvement in Language Models: The Sharpening Mechanism" (ICLR 2025, arXiv 2412.01951),
+Sec. 2.1 / App. A.3. Before training, N completions are sampled per prompt from pi_base and the most likely one under
+pi_base is kept (saved under `<output_dir>/bon_data`, reused when the run is restarted); the model is then fine-tuned
+on (prompt, selected completion). Greedy accuracy on the test split, and the mean log pi_base of the greedy outputs,
+are printed before and after training.
+
+The bundled toy task on CPU (a 139k-parameter model; a minute or two), from the repository root:
+
+    accelerate launch recipes/sft_sharpen.py --config recipes/sft_sharpen/toy_cpu.yaml
+
+    # adaptive sampling (App. D: fewer samples where the base is confident), or iterated sharpening
+    accelerate launch recipes/sft_sharpen.py --config recipes/sft_sharpen/toy_cpu.yaml --adaptive_sampling true
+    accelerate launch recipes/sft_sharpen.py --config recipes/sft_sharpen/toy_cpu.yaml --sampling_policy current \\
+        --num_train_epochs 2 --output_dir outputs/sft_sharpen/toy_current
+
+Qwen2.5-1.5B-Instruct on GSM8K with LoRA (the paper's App. A.3 / Table 2 settings), on GPUs:
+
+    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/sft_sharpen.py \\
+        --config recipes/sft_sharpen/qwen2.5_1.5b_instruct_gsm8k.yaml
+
+Every field of `SharpenScriptArguments`, `BoNSFTConfig` and `trl.ModelConfig` can be set in the YAML or on the
+command line (`--help` lists them).
+"""
+
+import logging
+
+import transformers
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl.models.utils import unwrap_model_for_generation
+
+from trl_sharpen import BoNSFTConfig, BoNSFTTrainer, answers_match
+from trl_sharpen.data import ensure_pad_token
+from trl_sharpen.script_utils import SharpenScriptArguments, load_prompt_datasets, report_greedy_accuracy
+from trl_sharpen.toy import TOY_MODEL_PATH
+
+
+logger = logging.getLogger(__name__)
+
+
+def report_bon_data(trainer: BoNSFTTrainer, script_args: SharpenScriptArguments) -> None:
+    """Accuracy of the selected completions the model is trained on (the teacher: BoN@N on the train prompts)."""
+    bon, column = trainer.bon_dataset, script_args.eval_answer_column
+    if column is None or column not in bon.column_names or not PartialState().is_main_process:
+        return
+    correct = [c is not None and answers_match(c, a) for c, a in zip(bon["selected_completion"], bon[column])]
+    samples = sum(bon["num_samples"]) / len(bon)
+    print(
+        f"[bon data] BoN accuracy on {len(bon)} train prompts: {sum(correct) / len(correct):.3f} "
+        f"({samples:.1f} samples per prompt)",
+        flush=True,
+    )
+
+
+def main(script_args: SharpenScriptArguments, training_args: BoNSFTConfig, model_args: ModelConfig):
+    transformers.set_seed(training_args.seed)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+    model_name = model_args.model_name_or_path or TOY_MODEL_PATH
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+    )
+    ensure_pad_token(tokenizer)
+    dataset = load_prompt_datasets(script_args)
+
+    # Samples (or reloads) the Best-of-N data under <output_dir>/bon_data before returning
+    peft_config = get_peft_config(model_args)
+    trainer = BoNSFTTrainer(
+        model=model_name,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        processing_class=tokenizer,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=peft_config,
+    )
+    report_bon_data(trainer, script_args)
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+        # Untrained, the model is pi_base (with PEFT, `report_greedy_accuracy` scores with adapters disabled anyway)
+        report_greedy_accuracy(model, tokenizer, dataset, script_args, "before", base_model=model)
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.create_model_card(dataset_name=script_args.dataset_name)
+    logger.info("Model saved to %s", training_args.output_dir)
+
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+        if peft_config is not None:
+            base = model  # scored with its adapters disabled
+        elif trainer.is_deepspeed_enabled:
+            base = None  # a second full copy under DeepSpeed is not worth it for a report: accuracy only
+        else:
+            base = AutoModelForCausalLM.from_pretrained(model_name, **training_args.model_init_kwargs)
+            base.to(trainer.accelerator.device)
+        report_greedy_accuracy(model, tokenizer, dataset, script_args, "after", base_model=base)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.accelerator.end_training()
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((SharpenScriptArguments, BoNSFTConfig, ModelConfig))
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
