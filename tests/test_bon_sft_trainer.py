@@ -1,6 +1,7 @@
 """BoNSFTTrainer on the bundled toy base: quality, PEFT, resume, adaptive sampling, the current policy, bad input."""
 
 import importlib.util
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -46,6 +47,16 @@ def make_trainer(tmp_path, tokenizer, model=TOY_MODEL_PATH, train_dataset=None, 
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread: the toy model's ops are too small to gain from two, and on a busy 2-core machine two
+    threads wait on each other at every op (measured: the quality test takes 12 s with one, 25-100 s with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -328,7 +339,10 @@ def test_recipe_yaml_parses(yaml_name):
 def test_toy_recipe_runs_with_accelerate_launch(tmp_path):
     command = ["accelerate", "launch", str(RECIPE), "--config", str(RECIPE.parent / "sft_sharpen" / "toy_cpu.yaml")]
     overrides = ["--output_dir", str(tmp_path), "--num_train_prompts", "300"]
-    result = subprocess.run(command + overrides, capture_output=True, text=True, cwd=RECIPE.parents[1], timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see `single_thread`
+    result = subprocess.run(
+        command + overrides, capture_output=True, text=True, cwd=RECIPE.parents[1], env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy = dict(re.findall(r"\[(before|after)\] greedy accuracy on 200 test prompts: ([\d.]+)", result.stdout))
     assert float(accuracy["before"]) < 0.2 and float(accuracy["after"]) >= 0.8

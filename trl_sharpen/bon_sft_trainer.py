@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import textwrap
 from pathlib import Path
 from statistics import fmean
 
@@ -39,26 +38,13 @@ from .bon_sft_config import BoNSFTConfig
 from .data import is_saved_dataset, validate_prompt_dataset
 from .fingerprints import model_fingerprint, tokenizer_fingerprint
 from .logprobs import sequence_logprobs
+from .paper import SHARPENING_PAPER
 from .self_rewards import base_scoring_context
 
 
 logger = logging.getLogger(__name__)
 
 BON_DATA_DIR = "bon_data"
-
-SHARPENING_PAPER = {
-    "title": "Self-Improvement in Language Models: The Sharpening Mechanism",
-    "id": "2412.01951",
-    # docstyle-ignore
-    "citation": textwrap.dedent("""\
-        @inproceedings{huang2025sharpening,
-            title        = {{Self-Improvement in Language Models: The Sharpening Mechanism}},
-            author       = {Audrey Huang and Adam Block and Dylan J. Foster and Dhruv Rohatgi and Cyril Zhang and Max Simchowitz and Jordan T. Ash and Akshay Krishnamurthy},
-            year         = 2025,
-            booktitle    = {The Thirteenth International Conference on Learning Representations, {ICLR} 2025},
-            url          = {https://openreview.net/forum?id=WJaUkwci9o},
-        }"""),
-}
 
 
 def is_bon_dataset(dataset) -> bool:
@@ -253,9 +239,10 @@ class BoNSFTTrainer(SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if dataset is getattr(self, "_deferred_train_dataset", None):
             return dataset  # prompts: sampled once the model is in place, see `_load_round`
+        columns = set(getattr(dataset, "column_names", None) or [])
         if is_bon_dataset(dataset):
             dataset = selected_sequences(dataset)
-        elif {"prompt"} == {"prompt", "completion"} & set(getattr(dataset, "column_names", None) or []):
+        elif "prompt" in columns and "completion" not in columns:
             raise ValueError(
                 f"The {dataset_name} dataset is prompt-only, but evaluation needs completions to score the SFT loss "
                 "on: pass a Best-of-N dataset (`trl-sharpen bon`) or a prompt-completion dataset."
@@ -387,6 +374,15 @@ class BoNSFTTrainer(SFTTrainer):
                     "pi_base's own samples: regenerate the data with this model (`trl-sharpen bon`), or pass the "
                     "prompts and let the trainer sample them."
                 )
+        sampling = {"num_samples": self.args.num_samples, "temperature": self.args.temperature}
+        sampling.update(top_p=self.args.top_p, top_k=self.args.top_k, max_new_tokens=self.args.max_completion_length)
+        differs = {k: run.get(k) for k, v in sampling.items() if run.get(k) != v}
+        if differs:
+            logger.warning(
+                "Training on a Best-of-N dataset generated with %s as is; the config's sampling settings apply only to "
+                "data the trainer samples itself (sampling_policy='current').",
+                differs,
+            )
 
 
 def _as_bon_config(args, model) -> BoNSFTConfig:
