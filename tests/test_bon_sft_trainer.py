@@ -39,11 +39,14 @@ def make_config(tmp_path, **overrides):
     return BoNSFTConfig(**kwargs)
 
 
-def make_trainer(tmp_path, tokenizer, model=TOY_MODEL_PATH, train_dataset=None, peft_config=None, **overrides):
+def make_trainer(
+    tmp_path, tokenizer, model=TOY_MODEL_PATH, train_dataset=None, eval_dataset=None, peft_config=None, **overrides
+):
     return BoNSFTTrainer(
         model=model,
         args=make_config(tmp_path, **overrides),
         train_dataset=train_dataset if train_dataset is not None else load_toy_prompts("train", limit=32),
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
@@ -240,10 +243,12 @@ def test_pregenerated_bon_dataset_skips_generation(tmp_path, toy_model, toy_toke
     bon = best_of_n(toy_model, toy_tokenizer, prompts, 4, max_new_tokens=40, output_dir=bon_dir, progress=False)
     generate_calls.clear()
     for train_dataset in (str(bon_dir), load_from_disk(str(bon_dir))):
-        trainer = make_trainer(tmp_path / "train", toy_tokenizer, train_dataset=train_dataset)
+        # A Best-of-N dataset also serves as an eval set: the SFT loss on its selected completions
+        trainer = make_trainer(tmp_path / "train", toy_tokenizer, train_dataset=train_dataset, eval_dataset=bon)
         assert not generate_calls
         assert trainer.bon_dataset["selected_completion_ids"] == bon["selected_completion_ids"]
         assert not (tmp_path / "train" / "bon_data").exists()
+    assert trainer.evaluate()["eval_loss"] > 0
     trainer.train()
 
     other_model = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH)

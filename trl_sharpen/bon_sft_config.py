@@ -45,7 +45,8 @@ class BoNSFTConfig(SFTConfig):
         default="logprob",
         metadata={
             "help": "Self-reward ranking the N samples: logprob (log pi_base(y|x), the paper's Eq. 2), "
-            "normalized_logprob, majority, or 'package.module:function'. From Python, any callable or SelfReward."
+            "normalized_logprob, majority, or 'package.module:function'. From Python, also a module-level function "
+            "(checkpoints pickle the config)."
         },
     )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper App. A: 1.0)."})
