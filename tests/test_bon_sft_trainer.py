@@ -52,16 +52,6 @@ def make_trainer(
     )
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: the toy model's ops are too small to gain from two, and on a busy 2-core machine two
-    threads wait on each other at every op (measured: the quality test takes 12 s with one, 25-100 s with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def generate_calls(monkeypatch):
     """Counts `generate` calls (the real generation still runs)."""
@@ -344,7 +334,7 @@ def test_recipe_yaml_parses(yaml_name):
 def test_toy_recipe_runs_with_accelerate_launch(tmp_path):
     command = ["accelerate", "launch", str(RECIPE), "--config", str(RECIPE.parent / "sft_sharpen" / "toy_cpu.yaml")]
     overrides = ["--output_dir", str(tmp_path), "--num_train_prompts", "300"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see `one_torch_thread`
+    env = dict(os.environ)
     result = subprocess.run(
         command + overrides, capture_output=True, text=True, cwd=RECIPE.parents[1], env=env, timeout=600
     )

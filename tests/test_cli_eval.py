@@ -17,8 +17,6 @@ from trl_sharpen import sequence_logprobs
 from trl_sharpen.cli import main
 from trl_sharpen.toy import TOY_DATA_DIR, TOY_MODEL_PATH
 
-from .test_evaluation import one_torch_thread  # noqa: F401  (autouse: the toy model runs faster on one thread)
-
 
 def eval_args(*extra):
     return [

@@ -31,15 +31,6 @@ from trl_sharpen.evaluation import (
 from trl_sharpen.toy import TOY_MODEL_PATH, check_answer, load_toy_prompts
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The toy model is tiny: on a shared 2-core machine, intra-op threads only wait on each other (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Brute force: average over every n-subset, ties shared uniformly -------------------------------------------------
 
 
