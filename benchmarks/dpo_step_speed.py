@@ -1,0 +1,264 @@
+"""Training-step time of SelfRewardDPOTrainer against TRL's OnlineDPOTrainer with a log pi_base(y|x) reward callable.
+
+    python benchmarks/dpo_step_speed.py            # about 10 minutes on 2 shared CPU cores
+
+Both trainers get the same model (loaded from the same path), prompts, per-device batch, 2 samples per prompt,
+sampling settings, completion length and optimiser. Each runs `--warmup + --steps` optimizer steps, alternating
+with the other for `--rounds` rounds; the table reports the median step time of the best round (generation, scoring,
+loss, backward and optimizer step included). Torch runs on one thread so that other jobs on a shared machine
+disturb the timings less.
+
+- SelfRewardDPOTrainer (`self_reward="logprob"`): one generation, one pi_base pass over the samples whose result is
+  both the self-reward and DPO's reference log-probs, one policy forward and backward (DPO's fused LM head).
+- OnlineDPOTrainer (`trl.experimental.online_dpo`) with a reward callable that recomputes log pi_base(y|x) the way a
+  TRL user would write it today (re-tokenise, forward a copy of the base model, log-softmax of the full logits): one
+  generation, a policy forward with full logits, a reference forward, and the reward's own base forward.
+
+Rows: gradient checkpointing on (both trainers' TRL default; OnlineDPOTrainer then also generates without a KV
+cache, while SelfRewardDPOTrainer switches checkpointing off for generation) and off. Models: a randomly initialised
+Llama with a 32k vocabulary (saved to a temporary directory with a matching word-level tokenizer) and the bundled toy
+model. A last line times the LM-head kernel alone: without Triton (CPU), TRL's fused kernel that DPOTrainer's loss
+forward uses runs as torch ops that cost more than full logits, which bounds what the shared pi_base pass can win on
+CPU. Target: SelfRewardDPOTrainer / OnlineDPOTrainer <= 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    TrainerCallback,
+)
+from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+from trl.kernels import ChunkedLogProbFunction
+
+from trl_sharpen import SelfRewardDPOConfig, SelfRewardDPOTrainer
+from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
+
+
+def make_llama(path: str, vocab_size: int, hidden_size: int, num_layers: int) -> str:
+    """A random Llama and a word-level tokenizer of the same vocabulary (the toy task's words first) saved to `path`."""
+    toy_vocab = AutoTokenizer.from_pretrained(TOY_MODEL_PATH).get_vocab()
+    vocab = dict(toy_vocab)
+    for i in range(vocab_size - len(vocab)):
+        vocab[f"w{i}"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=vocab["<pad>"],
+        eos_token_id=vocab["<eos>"],
+        bos_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+class NaiveBaseLogProb:
+    """log pi_base(y|x) as a TRL reward function, written the way a TRL user would today."""
+
+    __name__ = "base_logprob"
+
+    def __init__(self, path: str, tokenizer):
+        self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, completion_ids, **kwargs):
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        rows, completion_lengths = [], []
+        for prompt, ids in zip(prompts, completion_ids):
+            ids = ids[: ids.index(eos) + 1] if eos in ids else ids  # OnlineDPO pads completions after their EOS
+            rows.append(self.tokenizer(prompt)["input_ids"] + ids)
+            completion_lengths.append(len(ids))
+        width = max(len(row) for row in rows)
+        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+        attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        token_logps = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        rewards = []
+        for i, (row, length) in enumerate(zip(rows, completion_lengths)):
+            rewards.append(token_logps[i, len(row) - 1 - length : len(row) - 1].sum().item())
+        return rewards
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def common_args(args, output_dir: str, gradient_checkpointing: bool) -> dict:
+    return dict(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=gradient_checkpointing,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-5,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+    )
+
+
+def time_trainer(build, args) -> float:
+    timer = StepTimer()
+    trainer = build()
+    trainer.add_callback(timer)
+    trainer.train()
+    return statistics.median(timer.times[args.warmup :])
+
+
+def benchmark(name: str, path: str, args, completion_length: int, gradient_checkpointing: bool) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts = load_toy_prompts("train").select_columns(["prompt"])
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+    times = {"ours": [], "theirs": []}
+    with tempfile.TemporaryDirectory() as output_dir:
+        # Alternate the trainers and keep each one's best round: the machine may be shared
+        for _ in range(args.rounds):
+            times["ours"].append(
+                time_trainer(
+                    lambda: SelfRewardDPOTrainer(
+                        model=path,
+                        args=SelfRewardDPOConfig(
+                            max_completion_length=completion_length,
+                            **common_args(args, output_dir, gradient_checkpointing),
+                        ),
+                        train_dataset=prompts,
+                        processing_class=tokenizer,
+                    ),
+                    args,
+                )
+            )
+            times["theirs"].append(
+                time_trainer(
+                    lambda: OnlineDPOTrainer(
+                        model=path,
+                        reward_funcs=NaiveBaseLogProb(path, tokenizer),
+                        args=OnlineDPOConfig(
+                            max_new_tokens=completion_length,
+                            max_length=512,
+                            **common_args(args, output_dir, gradient_checkpointing),
+                        ),
+                        train_dataset=prompts,
+                        processing_class=tokenizer,
+                    ),
+                    args,
+                )
+            )
+    return {
+        "model": name,
+        "params": params,
+        "gc": "on (TRL default)" if gradient_checkpointing else "off",
+        "ours": min(times["ours"]),
+        "theirs": min(times["theirs"]),
+    }
+
+
+def lm_head_seconds(tokens: int, hidden_size: int, vocab_size: int, repeats: int = 3) -> tuple[float, float]:
+    """Forward + backward of the LM head and token log-probs: TRL's fused kernel (DPO's loss forward) vs full logits."""
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    weight = (torch.randn(vocab_size, hidden_size) * 0.02).requires_grad_()
+    targets = torch.randint(0, vocab_size, (tokens,))
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")  # what DPOTrainer asks of it
+
+    def fused():
+        ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 32768, None, 1.0, outputs)[0].sum().backward()
+
+    def full_logits():
+        (hidden @ weight.t()).log_softmax(-1).gather(-1, targets[:, None]).sum().backward()
+
+    result = []
+    for fn in (fused, full_logits):
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        result.append((time.perf_counter() - start) / repeats)
+    return tuple(result)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per trainer and round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per trainer; the best is kept")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per step (2 samples each)")
+    parser.add_argument("--completion-length", type=int, default=64, help="max completion length (32k model)")
+    parser.add_argument("--vocab-size", type=int, default=32_000)
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings on a shared CPU)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as model_dir:
+        path = make_llama(model_dir, args.vocab_size, args.hidden_size, args.layers)
+        label = f"random Llama {args.layers}x{args.hidden_size}, {args.vocab_size // 1000}k vocab"
+        for checkpointing in (True, False):
+            rows.append(benchmark(label, path, args, args.completion_length, checkpointing))
+    for checkpointing in (True, False):
+        rows.append(benchmark("bundled toy model", TOY_MODEL_PATH, args, 40, checkpointing))
+
+    print(
+        f"\nTraining step time: median of {args.steps} steps after {args.warmup} warm-up, best of {args.rounds} "
+        f"alternating rounds; {args.batch_size} prompts x 2 samples; CPU, {torch.get_num_threads()} thread(s), "
+        "float32\n"
+    )
+    print(
+        "| model | params | gradient checkpointing | SelfRewardDPOTrainer (s/step) "
+        "| OnlineDPOTrainer + log pi_base callable (s/step) | ratio |"
+    )
+    print("|---|---:|---|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['model']} | {row['params'] / 1e6:.2f}M | {row['gc']} | {row['ours']:.3f} | {row['theirs']:.3f} "
+            f"| {row['ours'] / row['theirs']:.2f}x |"
+        )
+    tokens = 2 * args.batch_size * (args.completion_length + 10)
+    fused, full = lm_head_seconds(tokens, args.hidden_size, args.vocab_size)
+    print(
+        f"\nLM head + log-probs, forward and backward, {tokens} tokens x {args.vocab_size} vocab on this CPU: TRL's fused "
+        f"kernel (DPOTrainer's loss forward; torch fallback without Triton) {fused:.3f} s, full logits {full:.3f} s."
+    )
+
+
+if __name__ == "__main__":
+    main()
