@@ -22,7 +22,12 @@ _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torc
 def _gathered(param: torch.nn.Parameter):
     if hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
         import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+        # Already gathered by an enclosing context (e.g. `unwrap_model_for_generation` while BoNSFTTrainer samples):
+        # DeepSpeed refuses nested `GatheredParameters` on the same parameter
+        if param.ds_status == ZeroParamStatus.AVAILABLE:
+            return contextlib.nullcontext()
         return deepspeed.zero.GatheredParameters([param])
     return contextlib.nullcontext()
 
