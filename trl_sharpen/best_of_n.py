@@ -257,6 +257,15 @@ def best_of_n(
     num_shards = math.ceil(len(prompts) / shard_size)
     my_shards = [s for s in range(state.process_index, num_shards, state.num_processes) if not writer.done(s)]
     my_prompts = sum(min(shard_size, len(prompts) - s * shard_size) for s in my_shards)
+    if state.num_processes > 1:  # each rank says what it does: a rank that sampled nothing would otherwise go unseen
+        logger.info(
+            "Best-of-N on process %d of %d: %d of %d shards to sample (%d prompts)",
+            state.process_index,
+            state.num_processes,
+            len(my_shards),
+            num_shards,
+            my_prompts,
+        )
     bar = tqdm(
         total=my_prompts * num_samples,
         desc="Best-of-N sampling",

@@ -11,6 +11,7 @@ its options. Under `accelerate launch -m trl_sharpen.cli bon ...` the prompts ar
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -68,17 +69,17 @@ class BestOfNArguments:
 
 def run_best_of_n(args: BestOfNArguments):
     import torch
-    from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .answers import answers_match, get_answer_extractor
     from .best_of_n import best_of_n
     from .data import load_prompts
+    from .distributed import distributed_state
     from .evaluation import evaluate_greedy
 
     if args.dataset_name is None:
         raise ValueError("Pass the prompts with --dataset_name (a file, a saved dataset or a dataset name).")
-    state = PartialState()
+    state = distributed_state()  # under `accelerate launch`: the shards are split across the processes
     prompts = load_prompts(args.dataset_name, args.dataset_split, args.prompt_column)
     if args.num_prompts is not None:
         prompts = prompts.select(range(min(args.num_prompts, len(prompts))))
@@ -271,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         return
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # trl_sharpen's INFO lines (one per process under `accelerate launch`), only warnings from everything else
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("trl_sharpen").setLevel(logging.INFO)
     from trl import TrlParser
 
     arguments_class, run = COMMANDS[argv[0]]
