@@ -23,6 +23,8 @@ __all__ = [
     "SelfRewardDPOConfig",
     "SelfRewardDPOTrainer",
     "SharpeningReport",
+    "XPOConfig",
+    "XPOTrainer",
     "answers_match",
     "best_of_n",
     "completion_mask_from_eos",
@@ -44,6 +46,8 @@ _LAZY_EXPORTS = {
     "BoNSFTTrainer": ".bon_sft_trainer",
     "SelfRewardDPOConfig": ".self_reward_dpo_config",
     "SelfRewardDPOTrainer": ".self_reward_dpo_trainer",
+    "XPOConfig": ".xpo_config",
+    "XPOTrainer": ".xpo_trainer",
 }
 
 

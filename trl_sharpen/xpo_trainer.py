@@ -1,0 +1,241 @@
+r"""`XPOTrainer`: sharpening with an exploration bonus (Huang et al. 2025, Sec. 4.2.2, Algorithm 1; after XPO, Xie et
+al. 2024), built on `SelfRewardDPOTrainer`.
+
+Each step, for each prompt x: y ~ pi (the current policy), y~ ~ pi_base, r(x, y) = log pi_base(y|x), and the update
+minimizes (the "+" sign of the proof's empirical loss, App. J.2.2; the extracted Algorithm 1 text shows "-")
+
+$$\alpha \sum \log \pi(\tilde y|x) + \sum \big(\beta \log\tfrac{\pi(y|x)}{\pi_{base}(y|x)}
+- \beta \log\tfrac{\pi(\tilde y|x)}{\pi_{base}(\tilde y|x)} - (r(x,y) - r(x,\tilde y))\big)^2.$$
+
+The first term is the optimism bonus: it pushes probability away from what pi_base already samples, which is what
+frees XPO from the coverage coefficient C_cov that SFT-Sharpening pays for (Thm. 4.3 vs Thm. 4.1).
+
+What is reused from the parent, per step: `_generate` draws y from the policy and y~ from pi_base (the reference
+model, gathered under ZeRO-3, or the adapter-disabled policy with PEFT), which records log pi_base(y~|x) for free;
+one pi_base pass (`_base_logprobs`) scores the y; `_self_rewards` scores both; `_pair_batch` builds DPO's batch with
+the base log-probs as reference log-probs; the parent's `compute_loss` runs DPO's loss (any loss type) and its
+`_auxiliary_loss` the regression (`loss_type="sharpen"`), from one policy forward whose log-probs also give the bonus.
+
+The replay buffer is Algorithm 1's growing dataset D: triples keep their token ids, rewards and pi_base log-probs, so
+a replayed triple costs only its share of the policy forward/backward.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import textwrap
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl.trainer.utils import get_config_model_id
+
+from .generation import Completions
+from .paper import SHARPENING_PAPER
+from .self_reward_dpo_trainer import SelfRewardDPOTrainer
+from .xpo_config import XPOConfig
+
+
+logger = logging.getLogger(__name__)
+
+# docstyle-ignore
+XPO_CITATION = textwrap.dedent("""\
+    @article{xie2024exploratory,
+        title        = {{Exploratory Preference Optimization: Harnessing Implicit Q*-Approximation for Sample-Efficient RLHF}},
+        author       = {Tengyang Xie and Dylan J. Foster and Akshay Krishnamurthy and Corby Rosset and Ahmed Awadallah and Alexander Rakhlin},
+        year         = 2024,
+        eprint       = {arXiv:2405.21046},
+    }""")
+
+# Fields of a stored triple, in chosen/rejected orientation (what `_pair_batch` takes)
+_FLOAT_FIELDS = ("ref_chosen", "ref_rejected", "r_chosen", "r_rejected")
+_TRIPLE_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", *_FLOAT_FIELDS, "base_is_chosen")
+
+
+def replay_buffer_file(checkpoint_dir: str, process_index: int) -> str:
+    return os.path.join(checkpoint_dir, f"xpo_replay_buffer_{process_index}.pt")
+
+
+class _SaveReplayBuffer(TrainerCallback):
+    """Saves each process's replay buffer into the checkpoint folder the Trainer just wrote."""
+
+    def __init__(self, trainer: XPOTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(list(self.trainer.replay_buffer), replay_buffer_file(folder, args.process_index))
+
+
+class XPOTrainer(SelfRewardDPOTrainer):
+    r"""Sharpening with exploration (Huang et al. 2025, Algorithm 1; XPO, Xie et al. 2024) as a drop-in
+    `trl.DPOTrainer`: same keyword signature, prompt-only `train_dataset`, an [`XPOConfig`].
+
+    Loss per update, averaged over the pairs (x, y ~ pi, y~ ~ pi_base) of the batch and of the replay buffer:
+
+    $$\mathcal{L} = \alpha\,\log \pi(\tilde y|x) + \mathcal{L}_{pair}(y, \tilde y),$$
+
+    where L_pair is the paper's regression (`loss_type="sharpen"`, default)
+    $(\beta \log\tfrac{\pi(y|x)}{\pi_{base}(y|x)} - \beta \log\tfrac{\pi(\tilde y|x)}{\pi_{base}(\tilde y|x)}
+    - (r(x,y) - r(x,\tilde y)))^2$ with r = the self-reward (log pi_base(y|x) by default), or any TRL DPO loss on
+    (chosen, rejected) = (y, y~) ordered by r (TRL's former XPO; ties put y first).
+
+    Metrics, besides the parent's (`self_reward/*`, `completions/*`) and DPO's (`rewards/*`, `logps/*`):
+    `xpo/bonus` (alpha * mean log pi(y~|x), the bonus term of the loss), `xpo/alpha`, `logps/base_samples` (mean
+    log pi(y~|x) under the policy), `self_reward/policy_samples` and `self_reward/base_samples` (mean self-reward of
+    the step's y and y~), `xpo/replayed` (stored triples replayed per update and process), and with the regression
+    `self_reward/sharpen_loss`.
+    """
+
+    _tag_names = ["trl", "trl-sharpen", "xpo"]
+    _name = "XPO (sharpening with exploration)"
+    # The model card has one paper slot: the sharpening paper, with XPO's citation next to it
+    _paper = {**SHARPENING_PAPER, "citation": SHARPENING_PAPER["citation"] + "\n\n" + XPO_CITATION}
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: XPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = XPOConfig(f"{name.split('/')[-1]}-XPO")
+        elif not isinstance(args, XPOConfig):
+            raise TypeError(f"args must be an XPOConfig, got {type(args).__name__}.")
+        super().__init__(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        # Triples of earlier steps (this process's), each a tuple of `_TRIPLE_FIELDS`
+        self.replay_buffer: collections.deque[tuple] = collections.deque(maxlen=args.replay_buffer_size)
+        self.add_callback(_SaveReplayBuffer(self))
+        self._alpha_ran_out_warned = False
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str) and os.path.exists(replay_buffer_file(checkpoint, self.args.process_index)):
+            stored = torch.load(replay_buffer_file(checkpoint, self.args.process_index), weights_only=False)
+            self.replay_buffer.clear()
+            self.replay_buffer.extend(stored)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    # ----------------------------------------------------------------------------------------- per-step pairs
+    def _prepare_inputs(self, inputs):
+        """Sample y ~ pi and y~ ~ pi_base per prompt, score both, and return DPO's pair batch (Algorithm 1), with
+        the replay buffer's stored triples appended during training."""
+        if "input_ids" in inputs:  # already a pair batch
+            return inputs
+        prompt_ids = inputs["prompt_ids"]
+        policy = self._generate(prompt_ids, 1, from_base=False)
+        base = self._generate(prompt_ids, 1, from_base=True)  # records log pi_base(y~|x) while sampling
+        # The parent's k = 2 layout (prompt i: y at 2i, y~ at 2i + 1), so grouped self-rewards (majority) see both
+        samples = Completions(
+            prompt_index=[i for i in range(len(prompt_ids)) for _ in range(2)],
+            completion_ids=[ids for pair in zip(policy.completion_ids, base.completion_ids) for ids in pair],
+            logprobs=None,
+            truncated=[flag for pair in zip(policy.truncated, base.truncated) for flag in pair],
+        )
+        base_logps = torch.stack(
+            [self._base_logprobs(prompt_ids, policy.completion_ids), torch.tensor(base.logprobs)], dim=1
+        )
+        rewards = self._self_rewards(inputs, samples, base_logps.flatten()).view(-1, 2)
+        base_is_chosen = rewards[:, 1] > rewards[:, 0]  # a tie keeps y in the chosen slot, as TRL's XPO did
+        chosen = torch.arange(len(prompt_ids)) * 2 + base_is_chosen.long()
+        rejected = torch.arange(len(prompt_ids)) * 2 + 1 - base_is_chosen.long()
+        self._log_samples(inputs, samples, rewards.flatten(), chosen, rejected, 0, 1.0)
+        self._log_xpo_samples(rewards)
+
+        base_logps, rewards = base_logps.flatten(), rewards.flatten()
+        fresh = list(
+            zip(
+                prompt_ids,
+                [samples.completion_ids[i] for i in chosen.tolist()],
+                [samples.completion_ids[i] for i in rejected.tolist()],
+                base_logps[chosen].tolist(),
+                base_logps[rejected].tolist(),
+                rewards[chosen].tolist(),
+                rewards[rejected].tolist(),
+                base_is_chosen.tolist(),
+            )
+        )
+        replayed = []
+        if self.model.training:  # evaluation neither replays nor stores
+            replayed = list(self.replay_buffer)
+            self.replay_buffer.extend(fresh)
+            self._metrics["train"]["xpo/replayed"].append(float(len(replayed)))
+
+        columns = dict(zip(_TRIPLE_FIELDS, zip(*(fresh + replayed), strict=True), strict=True))
+        floats = {key: torch.tensor(columns[key], dtype=torch.float32) for key in _FLOAT_FIELDS}
+        return self._pair_batch(
+            list(columns["prompt_ids"]),
+            list(columns["chosen_ids"]),
+            list(columns["rejected_ids"]),
+            floats["ref_chosen"],  # log pi_base of the chosen / rejected sample: DPO's reference log-probs
+            floats["ref_rejected"],
+            chosen_rewards=floats["r_chosen"],
+            rejected_rewards=floats["r_rejected"],
+            base_is_chosen=torch.tensor(columns["base_is_chosen"]),
+        )
+
+    # -------------------------------------------------------------------------------------------------- loss
+    def _auxiliary_loss(self, chosen_logps, rejected_logps, inputs, extras):
+        r"""The parent's regression (with `"sharpen"`), plus the exploration bonus alpha * mean log pi(y~|x)."""
+        loss = super()._auxiliary_loss(chosen_logps, rejected_logps, inputs, extras)
+        base_sample_logps = torch.where(extras["base_is_chosen"], chosen_logps, rejected_logps)
+        alpha = self._current_alpha()
+        bonus = alpha * base_sample_logps.mean()
+        mode = "train" if self.model.training else "eval"
+        gathered = self.accelerator.gather(torch.stack([bonus.detach(), base_sample_logps.detach().mean()]))
+        bonus_mean, logps_mean = gathered.view(-1, 2).mean(dim=0).tolist()
+        self._metrics[mode]["xpo/bonus"].append(bonus_mean)
+        self._metrics[mode]["logps/base_samples"].append(logps_mean)
+        self._metrics[mode]["xpo/alpha"].append(alpha)
+        return loss + bonus
+
+    def _current_alpha(self) -> float:
+        # `state.epoch` is the fractional progress set after each step: its integer part is the running epoch
+        epoch = int(self.state.epoch or 0)
+        if epoch >= len(self.args.alpha) > 1 and not self._alpha_ran_out_warned:
+            logger.warning(
+                "alpha has %d values (one per epoch) but epoch %d has begun: using the last one, %g, from now on "
+                "(as TRL's XPO did).",
+                len(self.args.alpha),
+                epoch + 1,
+                self.args.alpha[-1],
+            )
+            self._alpha_ran_out_warned = True
+        return self.args.alpha_at_epoch(epoch)
+
+    # ----------------------------------------------------------------------------------------------- logging
+    def _log_xpo_samples(self, rewards: torch.Tensor) -> None:
+        """Mean self-reward of the step's policy samples y and base samples y~ (`rewards`: one row per prompt)."""
+        mode = "train" if self.model.training else "eval"
+        local = torch.tensor([*rewards.sum(dim=0).tolist(), len(rewards)], dtype=torch.float64)
+        gathered = self.accelerator.gather(local.to(self.accelerator.device)).view(-1, 3).sum(dim=0).tolist()
+        self._metrics[mode]["self_reward/policy_samples"].append(gathered[0] / gathered[2])
+        self._metrics[mode]["self_reward/base_samples"].append(gathered[1] / gathered[2])
