@@ -117,7 +117,8 @@ def launch_recipe(recipe: Recipe, backend: str, output_dir, *extra) -> subproces
     return launch(*recipe_command(recipe, backend, output_dir, *extra))
 
 
-RANK_LINE = re.compile(r"^\[rank (\d+)/(\d+)\] (.+?): (\d+) optimizer steps, trainable weights (\w+)$", re.M)
+# Not anchored: a recipe that prints the line with `print` may interleave it with the other rank's
+RANK_LINE = re.compile(r"\[rank (\d+)/(\d+)\] ([^:\[]+?): (\d+) optimizer steps, trainable weights ([0-9a-f]{12})")
 
 
 def rank_lines(stdout: str) -> list[tuple[int, int, str, int, str]]:

@@ -1,7 +1,7 @@
-"""Multi-process launches (`accelerate launch`): clear errors for launch settings that would otherwise fail obscurely
-or silently run something else, and the one workaround machines without GPUs need. Everything launch-specific lives
-here: recipes parse their arguments with `parse_args_and_config`, code that runs without a `Trainer`
-(`trl-sharpen bon`) gets its processes from `distributed_state`, and `rank_summary` prints what each rank ran.
+"""Launching runs (`accelerate launch`, recipes): clear errors for launch and model settings that would otherwise fail
+obscurely or silently run something else, and the one workaround machines without GPUs need. Recipes parse their
+arguments with `parse_args_and_config` (which runs every check), code that runs without a `Trainer`
+(`trl-sharpen bon`) gets its processes from `distributed_state`, and `print_rank_summary` says what each rank ran.
 
 What accelerate 1.15 / transformers 5 / DeepSpeed 0.19 do with 2 processes on a machine without GPUs (checked):
 
@@ -22,7 +22,9 @@ What accelerate 1.15 / transformers 5 / DeepSpeed 0.19 do with 2 processes on a 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import sys
 
 import torch
 from accelerate import PartialState
@@ -85,14 +87,37 @@ def check_training_args(args) -> None:
         )
 
 
+def check_model_args(model_args) -> None:
+    """Checks on TRL's `ModelConfig` before any model is loaded: quantized loading (`--load_in_4bit` /
+    `--load_in_8bit`, QLoRA) needs bitsandbytes, and 4-bit loading does not train on CPU."""
+    if not (getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False)):
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            "--load_in_4bit / --load_in_8bit (QLoRA) need bitsandbytes, which is not installed: "
+            'pip install "trl-sharpen[quantization]"'
+        )
+    if model_args.load_in_4bit and not _has_accelerator():
+        # Checked with bitsandbytes 0.50 on a CPU with AVX512-BF16: the first eval-mode forward (our trainers generate
+        # before and during training) repacks each Linear4bit weight into an inference-only CPU layout, and every
+        # gradient through it is zero from then on: the adapter would silently never change.
+        raise ValueError(
+            "--load_in_4bit (QLoRA) does not train on CPU: bitsandbytes repacks 4-bit weights for CPU inference at the "
+            "first generation, after which no gradient reaches the LoRA adapter. Use a GPU, or LoRA without "
+            "--load_in_4bit (--use_peft)."
+        )
+
+
 def parse_args_and_config(parser, args=None):
     """`TrlParser.parse_args_and_config` for recipes, with the launch checks around it: `check_launch` before the
-    training config is created (creating it claims a device) and `check_training_args` after."""
+    training config is created (creating it claims a device), `check_training_args` and `check_model_args` after."""
     check_launch()
     parsed = parser.parse_args_and_config(args)
     for value in parsed:
         if hasattr(value, "use_cpu") and hasattr(value, "output_dir"):  # the TrainingArguments
             check_training_args(value)
+        if hasattr(value, "load_in_4bit"):  # TRL's ModelConfig
+            check_model_args(value)
     return parsed
 
 
@@ -131,3 +156,10 @@ def rank_summary(trainer) -> str:
         f"({type(trainer.model_wrapped).__name__}): {trainer.state.global_step} optimizer steps, "
         f"trainable weights {digest}"
     )
+
+
+def print_rank_summary(trainer) -> None:
+    """Print `rank_summary` on every rank, as one write so that the ranks' lines do not interleave."""
+    line = rank_summary(trainer)
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
