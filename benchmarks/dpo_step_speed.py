@@ -1,15 +1,18 @@
 """Training-step time of SelfRewardDPOTrainer against TRL's OnlineDPOTrainer with a log pi_base(y|x) reward callable.
 
-    python benchmarks/dpo_step_speed.py            # about 10 minutes on 2 shared CPU cores
+    python benchmarks/dpo_step_speed.py            # about 7 minutes on a 2-core CPU
+    python benchmarks/dpo_step_speed.py --rounds 2 --steps 3   # steadier on a busy machine (about 20 minutes)
 
 Both trainers get the same model (loaded from the same path), prompts, per-device batch, 2 samples per prompt,
 sampling settings, completion length and optimiser. Each runs `--warmup + --steps` optimizer steps, alternating
 with the other for `--rounds` rounds; the table reports the median step time of the best round (generation, scoring,
-loss, backward and optimizer step included). Torch runs on one thread so that other jobs on a shared machine
-disturb the timings less.
+loss, backward and optimizer step included), as CPU time of the process (robust on a shared machine) and wall time.
+Torch runs on one thread, so the two agree on a dedicated machine.
 
 - SelfRewardDPOTrainer (`self_reward="logprob"`): one generation, one pi_base pass over the samples whose result is
   both the self-reward and DPO's reference log-probs, one policy forward and backward (DPO's fused LM head).
+- SelfRewardDPOTrainer with the same callable as OnlineDPOTrainer below as its self-reward: a pi_base pass for the
+  reward, another for DPO's reference log-probs of the pairs. The ratio to it isolates what the shared pass saves.
 - OnlineDPOTrainer (`trl.experimental.online_dpo`) with a reward callable that recomputes log pi_base(y|x) the way a
   TRL user would write it today (re-tokenise, forward a copy of the base model, log-softmax of the full logits): one
   generation, a policy forward with full logits, a reference forward, and the reward's own base forward.
@@ -48,7 +51,7 @@ from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
 
 def make_llama(path: str, vocab_size: int, hidden_size: int, num_layers: int) -> str:
-    """A random Llama and a word-level tokenizer of the same vocabulary (the toy task's words first) saved to `path`."""
+    """A random Llama and a word-level tokenizer of its vocabulary (the toy task's words first), saved to `path`."""
     toy_vocab = AutoTokenizer.from_pretrained(TOY_MODEL_PATH).get_vocab()
     vocab = dict(toy_vocab)
     for i in range(vocab_size - len(vocab)):
@@ -104,14 +107,18 @@ class NaiveBaseLogProb:
 
 
 class StepTimer(TrainerCallback):
+    """CPU time (`process_time`) and wall time of each optimizer step."""
+
     def __init__(self):
-        self.times: list[float] = []
+        self.cpu: list[float] = []
+        self.wall: list[float] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+        self.start = (time.process_time(), time.perf_counter())
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.start)
+        self.cpu.append(time.process_time() - self.start[0])
+        self.wall.append(time.perf_counter() - self.start[1])
 
 
 def common_args(args, output_dir: str, gradient_checkpointing: bool) -> dict:
@@ -134,63 +141,66 @@ def common_args(args, output_dir: str, gradient_checkpointing: bool) -> dict:
     )
 
 
-def time_trainer(build, args) -> float:
+def time_trainer(build, args) -> tuple[float, float]:
+    """Median (CPU, wall) seconds per step after the warm-up steps."""
     timer = StepTimer()
     trainer = build()
     trainer.add_callback(timer)
     trainer.train()
-    return statistics.median(timer.times[args.warmup :])
+    return statistics.median(timer.cpu[args.warmup :]), statistics.median(timer.wall[args.warmup :])
 
 
 def benchmark(name: str, path: str, args, completion_length: int, gradient_checkpointing: bool) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = load_toy_prompts("train").select_columns(["prompt"])
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
-    times = {"ours": [], "theirs": []}
+
+    def ours(self_reward):
+        config = SelfRewardDPOConfig(
+            max_completion_length=completion_length,
+            self_reward=self_reward,
+            **common_args(args, output_dir, gradient_checkpointing),
+        )
+        return SelfRewardDPOTrainer(model=path, args=config, train_dataset=prompts, processing_class=tokenizer)
+
+    def online_dpo():
+        config = OnlineDPOConfig(
+            max_new_tokens=completion_length, max_length=512, **common_args(args, output_dir, gradient_checkpointing)
+        )
+        return OnlineDPOTrainer(
+            model=path,
+            reward_funcs=NaiveBaseLogProb(path, tokenizer),
+            args=config,
+            train_dataset=prompts,
+            processing_class=tokenizer,
+        )
+
+    builders = {
+        "ours": lambda: ours("logprob"),
+        # the same trainer, but the reward recomputed by the user callable: isolates the shared pi_base pass
+        "ours_callable": lambda: ours(NaiveBaseLogProb(path, tokenizer)),
+        "online_dpo": online_dpo,
+    }
+    times = {key: [] for key in builders}
     with tempfile.TemporaryDirectory() as output_dir:
         # Alternate the trainers and keep each one's best round: the machine may be shared
         for _ in range(args.rounds):
-            times["ours"].append(
-                time_trainer(
-                    lambda: SelfRewardDPOTrainer(
-                        model=path,
-                        args=SelfRewardDPOConfig(
-                            max_completion_length=completion_length,
-                            **common_args(args, output_dir, gradient_checkpointing),
-                        ),
-                        train_dataset=prompts,
-                        processing_class=tokenizer,
-                    ),
-                    args,
-                )
-            )
-            times["theirs"].append(
-                time_trainer(
-                    lambda: OnlineDPOTrainer(
-                        model=path,
-                        reward_funcs=NaiveBaseLogProb(path, tokenizer),
-                        args=OnlineDPOConfig(
-                            max_new_tokens=completion_length,
-                            max_length=512,
-                            **common_args(args, output_dir, gradient_checkpointing),
-                        ),
-                        train_dataset=prompts,
-                        processing_class=tokenizer,
-                    ),
-                    args,
-                )
-            )
-    return {
-        "model": name,
-        "params": params,
-        "gc": "on (TRL default)" if gradient_checkpointing else "off",
-        "ours": min(times["ours"]),
-        "theirs": min(times["theirs"]),
-    }
+            for key, build in builders.items():
+                times[key].append(time_trainer(build, args))
+    gc = "on (TRL default)" if gradient_checkpointing else "off"
+    return {"model": name, "params": params, "gc": gc, **{key: min(values) for key, values in times.items()}}
+
+
+def cell(value: tuple[float, float]) -> str:
+    return f"{value[0]:.3f} s ({value[1]:.3f} s)"
+
+
+def ratio(a: tuple[float, float], b: tuple[float, float]) -> str:
+    return f"{a[0] / b[0]:.2f}x ({a[1] / b[1]:.2f}x)"
 
 
 def lm_head_seconds(tokens: int, hidden_size: int, vocab_size: int, repeats: int = 3) -> tuple[float, float]:
-    """Forward + backward of the LM head and token log-probs: TRL's fused kernel (DPO's loss forward) vs full logits."""
+    """Forward + backward of the LM head and token log-probs: TRL's fused kernel (DPO's loss) vs full logits."""
     hidden = torch.randn(tokens, hidden_size, requires_grad=True)
     weight = (torch.randn(vocab_size, hidden_size) * 0.02).requires_grad_()
     targets = torch.randint(0, vocab_size, (tokens,))
@@ -205,18 +215,18 @@ def lm_head_seconds(tokens: int, hidden_size: int, vocab_size: int, repeats: int
     result = []
     for fn in (fused, full_logits):
         fn()
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(repeats):
             fn()
-        result.append((time.perf_counter() - start) / repeats)
+        result.append((time.process_time() - start) / repeats)
     return tuple(result)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per trainer and round")
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per trainer and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per trainer; the best is kept")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds per trainer; the best is kept")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per step (2 samples each)")
     parser.add_argument("--completion-length", type=int, default=64, help="max completion length (32k model)")
     parser.add_argument("--vocab-size", type=int, default=32_000)
@@ -238,25 +248,28 @@ def main():
         rows.append(benchmark("bundled toy model", TOY_MODEL_PATH, args, 40, checkpointing))
 
     print(
-        f"\nTraining step time: median of {args.steps} steps after {args.warmup} warm-up, best of {args.rounds} "
-        f"alternating rounds; {args.batch_size} prompts x 2 samples; CPU, {torch.get_num_threads()} thread(s), "
-        "float32\n"
+        f"\nCPU seconds per training step (wall seconds in brackets): median of {args.steps} steps after "
+        f"{args.warmup} warm-up, best of {args.rounds} alternating round(s); {args.batch_size} prompts x 2 samples; "
+        f"{torch.get_num_threads()} torch thread(s), float32. CPU time is what this process computed, so other jobs "
+        "on a shared machine barely change it; wall time is what a dedicated machine with this thread count shows.\n"
     )
     print(
-        "| model | params | gradient checkpointing | SelfRewardDPOTrainer (s/step) "
-        "| OnlineDPOTrainer + log pi_base callable (s/step) | ratio |"
+        "| model | params | gradient checkpointing | SelfRewardDPOTrainer | SelfRewardDPOTrainer + callable "
+        "| OnlineDPOTrainer + callable | ratio vs OnlineDPO | ratio vs + callable |"
     )
-    print("|---|---:|---|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| {row['model']} | {row['params'] / 1e6:.2f}M | {row['gc']} | {row['ours']:.3f} | {row['theirs']:.3f} "
-            f"| {row['ours'] / row['theirs']:.2f}x |"
+            f"| {row['model']} | {row['params'] / 1e6:.2f}M | {row['gc']} | {cell(row['ours'])} "
+            f"| {cell(row['ours_callable'])} | {cell(row['online_dpo'])} | {ratio(row['ours'], row['online_dpo'])} "
+            f"| {ratio(row['ours'], row['ours_callable'])} |"
         )
     tokens = 2 * args.batch_size * (args.completion_length + 10)
     fused, full = lm_head_seconds(tokens, args.hidden_size, args.vocab_size)
     print(
-        f"\nLM head + log-probs, forward and backward, {tokens} tokens x {args.vocab_size} vocab on this CPU: TRL's fused "
-        f"kernel (DPOTrainer's loss forward; torch fallback without Triton) {fused:.3f} s, full logits {full:.3f} s."
+        f"\nLM head + log-probs, forward and backward, {tokens} tokens x {args.vocab_size} vocab, CPU seconds: TRL's "
+        f"fused kernel (DPOTrainer's loss forward; torch fallback without Triton) {fused:.3f} s, full logits "
+        f"{full:.3f} s."
     )
 
 

@@ -131,9 +131,10 @@ class SelfRewardDPOConfig(DPOConfig):
         default=0,
         metadata={
             "help": "EXTENSION BEYOND THE PAPER (off by default): every M steps, copy the policy into pi_base, so the "
-            "reference AND the log-prob self-reward (and `sample_from=base` sampling) re-anchor to the current policy. "
-            "Uses TRL's SyncRefModelCallback (sync_ref_model, ref_model_mixup_alpha=1, ref_model_sync_steps=M). "
-            "Not available with PEFT, whose pi_base is the adapter-disabled model. 0 disables it."
+            "reference AND the log-prob self-reward (and `sample_from=base` sampling) re-anchor to the current "
+            "policy. Uses TRL's SyncRefModelCallback (sync_ref_model, ref_model_mixup_alpha=1, "
+            "ref_model_sync_steps=M). Not available with PEFT, whose pi_base is the adapter-disabled model. 0 "
+            "disables it."
         },
     )
 

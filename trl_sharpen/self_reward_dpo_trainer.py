@@ -1,6 +1,6 @@
 r"""`SelfRewardDPOTrainer`: RLHF-Sharpening (Huang et al. 2025, Sec. 2.2 / 4.2) as a drop-in `trl.DPOTrainer`.
 
-The objective is $\max_\pi \mathbb{E}_{y\sim\pi}[\log \pi_{base}(y|x)] - \beta\,\mathrm{KL}(\pi\,\|\,\pi_{base})$, whose
+The objective is $\max_\pi \mathbb{E}_{y\sim\pi}[\log \pi_{base}(y|x)] - \beta\,\mathrm{KL}(\pi\|\pi_{base})$, whose
 optimum $\pi^*_\beta \propto \pi_{base}^{1+1/\beta}$ sharpens as $\beta \to 0$. Each step, for each prompt, we sample
 k completions (from the policy, or from pi_base), score them with the self-reward, and hand the pair (highest,
 lowest) to DPO's own loss with reference pi_base.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import textwrap
 
 import torch
 from accelerate import PartialState
@@ -35,25 +34,12 @@ from trl.trainer.utils import get_config_model_id, print_prompt_completions_samp
 from .data import is_conversational_prompt, tokenize_prompt, validate_prompt_dataset
 from .generation import Completions, build_generation_config, generate_completions
 from .logprobs import sequence_logprobs
+from .paper import SHARPENING_PAPER
 from .self_reward_dpo_config import SHARPEN_LOSS, SelfRewardDPOConfig
 from .self_rewards import get_self_reward
 
 
 logger = logging.getLogger(__name__)
-
-SHARPENING_PAPER = {
-    "title": "Self-Improvement in Language Models: The Sharpening Mechanism",
-    "id": "2412.01951",
-    # docstyle-ignore
-    "citation": textwrap.dedent("""\
-        @inproceedings{huang2025sharpening,
-            title        = {{Self-Improvement in Language Models: The Sharpening Mechanism}},
-            author       = {Audrey Huang and Adam Block and Dylan J. Foster and Dhruv Rohatgi and Cyril Zhang and Max Simchowitz and Jordan T. Ash and Akshay Krishnamurthy},
-            year         = 2025,
-            booktitle    = {The Thirteenth International Conference on Learning Representations, {ICLR} 2025},
-            url          = {https://openreview.net/forum?id=WJaUkwci9o},
-        }"""),
-}
 
 # Keys of a pair batch that DPO's `_compute_loss` reads; anything else a batch carries is ours and is popped first
 _DPO_BATCH_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -80,10 +66,11 @@ class SelfRewardDPOTrainer(DPOTrainer):
     with y the highest- and y' the lowest-reward sample of a prompt. pi_base is the reference model (loaded from the
     policy's path when `ref_model` is None), or the adapter-disabled policy with PEFT.
 
-    Metrics, besides DPO's (`rewards/*`, `logps/*`, ...): `self_reward/chosen`, `self_reward/rejected` (mean self-reward
-    of the trained pairs), `self_reward/margin` (their mean difference), `self_reward/ties_skipped` (pairs skipped as
-    ties per step, all processes), `self_reward/sharpen_loss` (with the sharpen loss), `completions/mean_length`
-    (tokens) and `completions/clipped_ratio` (share of samples cut at `max_completion_length`).
+    Metrics, besides DPO's (`rewards/*`, `logps/*`, ...): `self_reward/chosen`, `self_reward/rejected` (mean
+    self-reward of the trained pairs), `self_reward/margin` (their mean difference), `self_reward/ties_skipped`
+    (pairs skipped as ties per step, all processes), `self_reward/sharpen_loss` (with the sharpen loss),
+    `completions/mean_length` (tokens) and `completions/clipped_ratio` (share of samples cut at
+    `max_completion_length`).
     """
 
     _tag_names = ["trl", "trl-sharpen", "rlhf-sharpening"]
@@ -112,8 +99,8 @@ class SelfRewardDPOTrainer(DPOTrainer):
             raise TypeError(f"args must be a SelfRewardDPOConfig, got {type(args).__name__}.")
         if args.reanchor_steps and (peft_config is not None or is_peft_model(model)):
             raise ValueError(
-                f"reanchor_steps={args.reanchor_steps} needs a separate pi_base to overwrite, but with PEFT pi_base is "
-                "the adapter-disabled policy. Train without PEFT, or set reanchor_steps=0."
+                f"reanchor_steps={args.reanchor_steps} needs a separate pi_base to overwrite, but with PEFT pi_base "
+                "is the adapter-disabled policy. Train without PEFT, or set reanchor_steps=0."
             )
         if train_dataset is not None:
             first = next(iter(train_dataset))
@@ -162,7 +149,7 @@ class SelfRewardDPOTrainer(DPOTrainer):
         self.pair_collator = DataCollatorForPreference(
             pad_token_id=self._tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
         )
-        self._logged_pairs: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "r_c": [], "r_r": []}
+        self._logged_pairs: dict[str, list] = {}  # the last step's pairs, for `log_completions`
 
     # ------------------------------------------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -388,65 +375,48 @@ class SelfRewardDPOTrainer(DPOTrainer):
     # ----------------------------------------------------------------------------------------------- logging
     def _log_samples(self, inputs, samples, rewards, chosen, rejected, ties_skipped, loss_scale):
         mode = "train" if self.model.training else "eval"
-        trained = loss_scale > 0
-        lengths = torch.tensor([len(ids) for ids in samples.completion_ids], dtype=torch.float32)
-        stats = torch.tensor(
-            [
-                rewards[chosen].sum().item() if trained else 0.0,
-                rewards[rejected].sum().item() if trained else 0.0,
-                len(chosen) if trained else 0,
-                ties_skipped,
-                lengths.sum().item(),
-                len(lengths),
-                sum(samples.truncated),
-            ],
-            device=self.accelerator.device,
-        )
-        r_chosen, r_rejected, pairs, ties, length, count, clipped = self.accelerator.gather(stats).view(-1, 7).sum(0)
+        pairs = len(chosen) if loss_scale > 0 else 0  # an all-tie step trains on nothing
+        lengths = [len(ids) for ids in samples.completion_ids]
+        local = [rewards[chosen].sum() * bool(pairs), rewards[rejected].sum() * bool(pairs), pairs, ties_skipped]
+        local += [sum(lengths), len(lengths), sum(samples.truncated)]
+        stats = self.accelerator.gather(torch.tensor(local, dtype=torch.float64, device=self.accelerator.device))
+        r_chosen, r_rejected, pairs, ties, length, count, clipped = stats.view(-1, len(local)).sum(0).tolist()
         metrics = self._metrics[mode]
         if pairs > 0:
-            metrics["self_reward/chosen"].append((r_chosen / pairs).item())
-            metrics["self_reward/rejected"].append((r_rejected / pairs).item())
-            metrics["self_reward/margin"].append(((r_chosen - r_rejected) / pairs).item())
-        metrics["self_reward/ties_skipped"].append(ties.item())
-        metrics["completions/mean_length"].append((length / count).item())
-        metrics["completions/clipped_ratio"].append((clipped / count).item())
+            metrics["self_reward/chosen"].append(r_chosen / pairs)
+            metrics["self_reward/rejected"].append(r_rejected / pairs)
+            metrics["self_reward/margin"].append((r_chosen - r_rejected) / pairs)
+        metrics["self_reward/ties_skipped"].append(ties)
+        metrics["completions/mean_length"].append(length / count)
+        metrics["completions/clipped_ratio"].append(clipped / count)
         if self.args.log_completions:
             texts = self._tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
-            rows = samples.prompt_index
-            for key, values in (
-                ("prompt", [inputs["prompt"][rows[i]] for i in chosen]),
-                ("chosen", [texts[i] for i in chosen]),
-                ("rejected", [texts[i] for i in rejected]),
-                ("r_c", rewards[chosen].tolist()),
-                ("r_r", rewards[rejected].tolist()),
-            ):
-                self._logged_pairs[key] = gather_object(values)
+            columns = {
+                "prompt": [inputs["prompt"][samples.prompt_index[i]] for i in chosen],
+                "chosen": [texts[i] for i in chosen],
+                "rejected": [texts[i] for i in rejected],
+                "self_reward/chosen": rewards[chosen].tolist(),
+                "self_reward/rejected": rewards[rejected].tolist(),
+            }
+            self._logged_pairs = {key: gather_object(values) for key, values in columns.items()}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
         pairs = self._logged_pairs
-        if not (self.args.log_completions and self.accelerator.is_main_process and pairs["prompt"]):
+        if not (self.args.log_completions and self.accelerator.is_main_process and pairs):
             return
+        rewards = {key: pairs[key] for key in ("self_reward/chosen", "self_reward/rejected")}
         with contextlib.suppress(ImportError):  # rich is optional
             print_prompt_completions_sample(
-                pairs["prompt"],
-                pairs["chosen"],
-                {"self_reward/chosen": pairs["r_c"], "self_reward/rejected": pairs["r_r"]},
-                None,
-                self.state.global_step,
-                self.args.num_completions_to_print,
-                extra={"rejected": pairs["rejected"]},
-            )
-        if self.args.report_to and "wandb" in self.args.report_to:
+                pairs["prompt"], pairs["chosen"], rewards, None, self.state.global_step,
+                self.args.num_completions_to_print, extra={"rejected": pairs["rejected"]},
+            )  # fmt: skip
+        if "wandb" in (self.args.report_to or []):
             import wandb
 
             if wandb.run is not None:
-                columns = ["prompt", "chosen", "rejected", "r_c", "r_r"]
-                data = [
-                    [self.state.global_step, *(str(pairs[c][i]) for c in columns)] for i in range(len(pairs["prompt"]))
-                ]
-                wandb.log({"completions": wandb.Table(columns=["step", *columns], data=data)})
+                rows = [[self.state.global_step, *map(str, row)] for row in zip(*pairs.values())]
+                wandb.log({"completions": wandb.Table(columns=["step", *pairs], data=rows)})
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _is_zero3(self) -> bool:
@@ -454,22 +424,19 @@ class SelfRewardDPOTrainer(DPOTrainer):
         return plugin is not None and plugin.zero_stage == 3
 
     def _base_adapter(self, peft_model):
-        """With PEFT, pi_base is the policy with adapters disabled, or DPO's frozen copy `"ref"` of a pretrained one."""
+        """With PEFT, pi_base is the policy with adapters disabled, or DPO's frozen copy `"ref"` of a given adapter."""
         return use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
 
     def _check_base_tokenizer(self, ref_model) -> None:
         """pi_base scores (and with `sample_from="base"` writes) the policy's token ids: refuse another tokenizer."""
         if ref_model is None:
             return  # pi_base is loaded from the policy's own path, or is the adapter-disabled policy
-        policy_vocab = self.accelerator.unwrap_model(self.model).config.get_text_config().vocab_size
-        base_vocab = ref_model.config.get_text_config().vocab_size
-        problem = None
-        if policy_vocab != base_vocab:
-            problem = f"vocabulary sizes differ (policy {policy_vocab}, pi_base {base_vocab})"
-        else:
-            with contextlib.suppress(Exception):  # no local tokenizer next to pi_base: the size check must do
-                base_tokenizer = AutoTokenizer.from_pretrained(ref_model.name_or_path, local_files_only=True)
-                if base_tokenizer.get_vocab() != self._tokenizer.get_vocab():
+        sizes = [m.config.get_text_config().vocab_size for m in (self.accelerator.unwrap_model(self.model), ref_model)]
+        problem = None if sizes[0] == sizes[1] else f"vocabulary sizes differ (policy {sizes[0]}, pi_base {sizes[1]})"
+        with contextlib.suppress(OSError, ValueError):  # no tokenizer saved next to pi_base: the size check must do
+            if problem is None:
+                base_vocab = AutoTokenizer.from_pretrained(ref_model.name_or_path, local_files_only=True).get_vocab()
+                if base_vocab != self._tokenizer.get_vocab():
                     problem = f"the tokenizer saved with pi_base ({ref_model.name_or_path}) has another vocabulary"
         if problem is not None:
             raise ValueError(
