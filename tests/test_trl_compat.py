@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 
 import pytest
+import transformers.trainer_utils
 import trl
 import trl.models.utils
 import trl.trainer.base_trainer
@@ -154,3 +155,47 @@ def test_bon_sft_current_policy_relies_on_the_training_loop_order():
     assert "self.is_deepspeed_enabled" in init and "self.is_model_parallel" in init
     # Under DeepSpeed / FSDP the model is placed only when training starts: sampling in `__init__` places it itself
     assert "self.place_model_on_device = False" in init
+
+
+# XPOTrainer (trl_sharpen/xpo_trainer.py): (owner, name, leading parameters). It builds on SelfRewardDPOTrainer (the
+# internals above) and adds these.
+XPO_INTERNALS = [
+    # overridden
+    (Trainer, "_prepare_inputs", ["self", "inputs"]),
+    (Trainer, "train", ["self", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"]),
+    # called
+    (trl.trainer.utils, "get_config_model_id", ["config"]),
+    (transformers.trainer_utils, "get_last_checkpoint", ["folder"]),
+]
+
+
+@pytest.mark.parametrize("owner, name, parameters", XPO_INTERNALS, ids=[name for _, name, _ in XPO_INTERNALS])
+def test_xpo_trl_internals_exist_with_their_parameters(owner, name, parameters):
+    assert hasattr(owner, name), f"{owner.__name__}.{name} is gone"
+    assert leading_parameters(getattr(owner, name), len(parameters)) == parameters
+
+
+def test_xpo_relies_on_trainer_epoch_checkpoint_and_metrics_behaviour():
+    from trl_sharpen.xpo_trainer import XPOTrainer
+
+    # `XPOTrainer.train` passes exactly these on: a new `Trainer.train` parameter must be added there too
+    assert list(inspect.signature(Trainer.train).parameters) == list(inspect.signature(XPOTrainer.train).parameters)
+    assert list(inspect.signature(XPOTrainer.__init__).parameters) == list(
+        inspect.signature(DPOTrainer.__init__).parameters
+    )
+    # A per-epoch alpha is read from `state.epoch`, the fractional progress set after each step: its integer part is
+    # the running (0-based) epoch
+    assert "self.state.epoch = epoch + (step + 1) / steps_in_epoch" in inspect.getsource(Trainer._run_epoch)
+    # The replay buffer is saved by an `on_save` callback into the folder `_save_checkpoint` has just written
+    assert transformers.trainer_utils.PREFIX_CHECKPOINT_DIR == "checkpoint"
+    assert 'checkpoint_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"' in inspect.getsource(
+        Trainer._save_checkpoint
+    )
+    save = inspect.getsource(Trainer._maybe_log_save_evaluate)
+    assert save.index("self._save_checkpoint(model, trial)") < save.index("self.callback_handler.on_save(")
+    # Metrics go to DPO's `_metrics`, averaged and cleared in its `log`
+    assert 'self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}' in inspect.getsource(
+        DPOTrainer.__init__
+    )
+    log = inspect.getsource(DPOTrainer.log)
+    assert "self._metrics[mode].items()" in log and "self._metrics[mode].clear()" in log

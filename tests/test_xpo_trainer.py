@@ -225,6 +225,26 @@ def test_alpha_list_runs_per_epoch_then_keeps_its_last_value(tmp_path, toy_model
     assert len(warnings) == 1 and "epoch 3" in warnings[0] and "0.2" in warnings[0]
 
 
+def test_y_comes_from_the_policy_and_y_tilde_from_the_reference_model(tmp_path, toy_tokenizer):
+    """Policy = the poor-coverage base (careful solutions ~2% of samples), pi_base = the default toy base (~50%)."""
+    policy = AutoModelForCausalLM.from_pretrained(POOR_COVERAGE_MODEL_PATH)
+    trainer = XPOTrainer(
+        model=policy,
+        ref_model=AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH),
+        args=make_config(tmp_path, per_device_train_batch_size=32),
+        train_dataset=load_toy_prompts("train").select(range(64)),
+        processing_class=toy_tokenizer,
+    )
+    batch = next_pair_batch(trainer)
+    completions = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["completion_mask"])]
+    careful = torch.tensor([ids[0] != toy_tokenizer.convert_tokens_to_ids("answer") for ids in completions])
+    careful_chosen, careful_rejected = careful.chunk(2)
+    base_is_chosen = batch["base_is_chosen"]
+    careful_base = torch.where(base_is_chosen, careful_chosen, careful_rejected).sum().item()
+    careful_policy = torch.where(base_is_chosen, careful_rejected, careful_chosen).sum().item()
+    assert careful_base >= 8 and careful_policy <= 3, (careful_base, careful_policy)
+
+
 def test_peft_samples_base_completions_from_the_adapter_disabled_model(tmp_path, toy_model, toy_tokenizer):
     from peft import LoraConfig
 
@@ -251,6 +271,25 @@ def test_peft_samples_base_completions_from_the_adapter_disabled_model(tmp_path,
     )
     # at step 2 the policy has moved: the y~ log-probs recorded at generation are pi_base's, not the policy's
     assert logged(history, "self_reward/base_samples")[1] != logged(history, "logps/base_samples")[1]
+
+
+def test_parent_hooks_xpo_builds_on_keep_their_parameters():
+    """XPO calls these SelfRewardDPOTrainer hooks positionally: a changed signature must fail here, by name."""
+    import inspect
+
+    from trl_sharpen.self_reward_dpo_trainer import SelfRewardDPOTrainer
+
+    hooks = {
+        "_generate": ["self", "prompt_ids", "num_samples", "from_base"],
+        "_base_logprobs": ["self", "prompt_ids", "completion_ids"],
+        "_self_rewards": ["self", "inputs", "samples", "base_logps"],
+        "_pair_batch": ["self", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"],
+        "_log_samples": ["self", "inputs", "samples", "rewards", "chosen", "rejected", "ties_skipped", "loss_scale"],
+        "_auxiliary_loss": ["self", "chosen_logps", "rejected_logps", "inputs", "extras"],
+    }
+    for name, parameters in hooks.items():
+        signature = inspect.signature(getattr(SelfRewardDPOTrainer, name))
+        assert list(signature.parameters)[: len(parameters)] == parameters, name
 
 
 # --------------------------------------------------------------------------------------------------- bad input
