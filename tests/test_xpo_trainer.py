@@ -1,4 +1,4 @@
-"""XPOTrainer (the paper's Algorithm 1) on the toy bases: the loss, the bonus, the replay buffer, bad input, quality."""
+"""XPOTrainer (the paper's Algorithm 1) on the toy bases: loss, bonus, replay buffer, bad input, quality, recipe."""
 
 import importlib.util
 import logging

@@ -54,9 +54,9 @@ class XPOConfig(SelfRewardDPOConfig):
     replay_buffer_size: int = field(
         default=0,
         metadata={
-            "help": "Triples (x, y, y~) from earlier steps that each update also trains on, with their stored "
-            "rewards and pi_base log-probs (nothing recomputed but the policy's log-probs): the growing dataset D of "
-            "Algorithm 1, capped at this many (oldest dropped first), per process. 0: the current batch only."
+            "help": "Triples (x, y, y~) from earlier steps that each training micro-batch also trains on, with "
+            "their stored rewards and pi_base log-probs (nothing recomputed but the policy's log-probs): the growing "
+            "dataset D of Algorithm 1, capped at this many (oldest dropped first), per process. 0: current batch only."
         },
     )
 

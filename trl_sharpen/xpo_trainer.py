@@ -86,7 +86,7 @@ class XPOTrainer(SelfRewardDPOTrainer):
     Metrics, besides the parent's (`self_reward/*`, `completions/*`) and DPO's (`rewards/*`, `logps/*`):
     `xpo/bonus` (alpha * mean log pi(y~|x), the bonus term of the loss), `xpo/alpha`, `logps/base_samples` (mean
     log pi(y~|x) under the policy), `self_reward/policy_samples` and `self_reward/base_samples` (mean self-reward of
-    the step's y and y~), `xpo/replayed` (stored triples replayed per update and process), and with the regression
+    the step's y and y~), `xpo/replayed` (stored triples replayed per micro-batch and process), and with the regression
     `self_reward/sharpen_loss`.
     """
 
@@ -135,6 +135,7 @@ class XPOTrainer(SelfRewardDPOTrainer):
         self._alpha_ran_out_warned = False
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        # Resuming restores this process's replay buffer from the checkpoint (saved by `_SaveReplayBuffer`)
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
