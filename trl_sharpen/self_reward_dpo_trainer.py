@@ -192,9 +192,10 @@ class SelfRewardDPOTrainer(DPOTrainer):
         prompt_ids = inputs["prompt_ids"]
         samples = self._generate(prompt_ids, k, from_base=from_base)
         row_prompt_ids = [prompt_ids[i] for i in samples.prompt_index]
-        # Sampled from pi_base: generation recorded log pi_base(y|x). Otherwise one pi_base pass, shared with DPO
+        # Sampled from pi_base: generation recorded log pi_base(y|x). Otherwise one pi_base pass, shared with DPO.
+        # Under ZeRO-3 every rank must run as many forwards as the others, so all samples are scored there.
         base_logps = torch.tensor(samples.logprobs) if from_base else None
-        if base_logps is None and self.self_reward.requires_base_logprobs:
+        if base_logps is None and (self.self_reward.requires_base_logprobs or self._is_zero3()):
             base_logps = self._base_logprobs(row_prompt_ids, samples.completion_ids)
         rewards = self._self_rewards(inputs, samples, base_logps)
 
@@ -209,6 +210,11 @@ class SelfRewardDPOTrainer(DPOTrainer):
         else:
             keep = ~tie
         ties_skipped = int((tie & ~keep).sum())
+        if self.accelerator.num_processes > 1:
+            # DPO's loss gathers per-pair tensors across processes (`rewards/*`, `logps/*`), which needs the same
+            # number of pairs everywhere: each process keeps as many of its pairs as the process with the fewest
+            fewest = int(self.accelerator.gather(keep.sum().reshape(1).to(self.accelerator.device)).min())
+            keep &= keep.cumsum(0) <= fewest
         # With every pair tied, still train on one at zero weight: all processes must run the same forward/backward
         loss_scale = 1.0 if keep.any() else 0.0
         if not keep.any():
@@ -262,7 +268,10 @@ class SelfRewardDPOTrainer(DPOTrainer):
 
     def _generate(self, prompt_ids: list[list[int]], num_samples: int, from_base: bool) -> Completions:
         """`num_samples` completions per prompt (prompt-major); from pi_base they carry log pi_base(y|x)."""
-        synced_gpus = self._is_zero3() and not (from_base or self.args.ds3_gather_for_generation)
+        # ZeRO-3 weights left partitioned (ds3_gather_for_generation=False) are fetched layer by layer in every forward:
+        # the processes must keep stepping together. Only pi_base as a separate reference model is always gathered.
+        gathered = self.args.ds3_gather_for_generation or (from_base and self.ref_model is not None)
+        synced_gpus = self._is_zero3() and not gathered
         with self._generation_model(from_base) as model:
             return generate_completions(
                 model,
@@ -307,7 +316,7 @@ class SelfRewardDPOTrainer(DPOTrainer):
             prompts,
             completions,
             samples.completion_ids,
-            base_logprobs=None if base_logps is None else base_logps.tolist(),
+            base_logprobs=base_logps.tolist() if self.self_reward.requires_base_logprobs else None,
             group_ids=rows,
             trainer_state=self.state,
             **extra,
