@@ -27,6 +27,7 @@ from tests.launching import (
     launch,
     launched_recipe,
     rank_lines,
+    recipe_command,
 )
 from trl_sharpen import best_of_n
 from trl_sharpen.distributed import check_processes_fit, trainable_weights_digest
@@ -134,6 +135,24 @@ def test_bon_command_splits_prompts_across_processes(backend, tmp_path):
     )
     assert bon["completion_ids"] == single["completion_ids"]
     assert bon["selected_index"] == single["selected_index"]
+
+
+def test_zero3_lora_with_partitioned_generation(tmp_path):
+    """ZeRO-3 + LoRA, pi_base samples from the adapter-disabled policy without gathering the weights
+    (`ds3_gather_for_generation: false`, for models too large to gather): generation must run synced across the
+    processes (it crashed on a collective mismatch before), and only the adapter is saved."""
+    recipe = next(recipe for recipe in RECIPES if recipe.name == "dpo_sharpen")
+    extra = ["--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--sample_from", "base",
+             "--ds3_gather_for_generation", "false", "--save_strategy", "no", "--report_to", "none"]  # fmt: skip
+    result = launch(*recipe_command(recipe, "zero3", tmp_path, *extra))
+    assert result.returncode == 0, failure_output(result)
+    ranks = rank_lines(result.stdout)
+    assert [(rank, backend, steps) for rank, _, backend, steps, _ in ranks] == [
+        (0, EXPECTED_BACKEND["zero3"], STEPS),
+        (1, EXPECTED_BACKEND["zero3"], STEPS),
+    ]
+    assert len({digest for *_, digest in ranks}) == 1
+    assert (tmp_path / "adapter_model.safetensors").exists() and not (tmp_path / "model.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------------- bad input
