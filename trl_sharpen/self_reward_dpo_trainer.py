@@ -312,11 +312,13 @@ class SelfRewardDPOTrainer(DPOTrainer):
         extra = {
             key: [values[i] for i in rows] for key, values in inputs.items() if key not in ("prompt", "prompt_ids")
         }
+        # Only a self-reward that reads log pi_base(y|x) gets it (others may not accept the keyword)
+        wants_base = self.self_reward.requires_base_logprobs and base_logps is not None
         rewards = self.self_reward(
             prompts,
             completions,
             samples.completion_ids,
-            base_logprobs=base_logps.tolist() if self.self_reward.requires_base_logprobs else None,
+            base_logprobs=base_logps.tolist() if wants_base else None,
             group_ids=rows,
             trainer_state=self.state,
             **extra,
