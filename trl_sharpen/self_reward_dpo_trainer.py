@@ -35,6 +35,7 @@ from .data import is_conversational_prompt, tokenize_prompt, validate_prompt_dat
 from .generation import Completions, build_generation_config, generate_completions
 from .logprobs import sequence_logprobs
 from .paper import SHARPENING_PAPER
+from .report_tables import log_table
 from .self_reward_dpo_config import SHARPEN_LOSS, SelfRewardDPOConfig
 from .self_rewards import get_self_reward
 
@@ -422,12 +423,7 @@ class SelfRewardDPOTrainer(DPOTrainer):
                 pairs["prompt"], pairs["chosen"], rewards, None, self.state.global_step,
                 self.args.num_completions_to_print, extra={"rejected": pairs["rejected"]},
             )  # fmt: skip
-        if "wandb" in (self.args.report_to or []):
-            import wandb
-
-            if wandb.run is not None:
-                rows = [[self.state.global_step, *map(str, row)] for row in zip(*pairs.values())]
-                wandb.log({"completions": wandb.Table(columns=["step", *pairs], data=rows)})
+        log_table(self, "completions", pairs)  # wandb and tensorboard
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _is_zero3(self) -> bool:
