@@ -39,12 +39,14 @@ from .data import is_saved_dataset, validate_prompt_dataset
 from .fingerprints import model_fingerprint, tokenizer_fingerprint
 from .logprobs import sequence_logprobs
 from .paper import SHARPENING_PAPER
+from .report_tables import log_table
 from .self_rewards import base_scoring_context
 
 
 logger = logging.getLogger(__name__)
 
 BON_DATA_DIR = "bon_data"
+BON_TABLE_ROWS = 8  # selected samples per round in the logged table
 
 
 def is_bon_dataset(dataset) -> bool:
@@ -277,6 +279,21 @@ class BoNSFTTrainer(SFTTrainer):
         self.bon_dataset, self._round = bon, round_index
         for key, value in bon_metrics(bon, args.answer_extractor).items():
             self._metrics["train"][key].append(value)
+        # A few selected samples of the round, logged as a table (wandb, tensorboard) with the next metrics
+        sample = bon.select([i for i, selected in enumerate(bon["selected_index"]) if selected >= 0][:BON_TABLE_ROWS])
+        self._bon_table = {
+            "round": [round_index] * len(sample),
+            "prompt": [str(prompt) for prompt in sample["prompt"]],
+            "selected_completion": sample["selected_completion"],
+            "selected_reward": sample["selected_reward"],
+            "mean_reward": [fmean(rewards) for rewards in sample["rewards"]],
+        }
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        if getattr(self, "_bon_table", None) and self.accelerator.is_main_process:
+            log_table(self, "bon_samples", self._bon_table)
+        self._bon_table = None
 
     def _sample(self, round_index: int, output_dir: Path) -> Dataset:
         args = self.args

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import is_peft_model
+from tqdm.auto import tqdm
 
 from .answers import AnswerExtractor, answers_match, get_answer_extractor, load_callable
 from .best_of_n import _eos_token_ids
@@ -671,7 +672,11 @@ def evaluate_sharpening(
     devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
     with eval_mode(model), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        sampled = generate_completions(model, prompt_ids, config, num_samples=num_samples, batch_size=batch_size)
+        # The long part of an evaluation (N samples per prompt): a progress bar, like Best-of-N sampling
+        with tqdm(total=len(prompt_ids) * num_samples, desc="Sampling for evaluation", unit="sample") as bar:
+            sampled = generate_completions(
+                model, prompt_ids, config, num_samples=num_samples, batch_size=batch_size, progress=bar
+            )
     timer["sampling"] = time.perf_counter()
 
     expanded_prompt_ids = [prompt_ids[p] for p in sampled.prompt_index]
