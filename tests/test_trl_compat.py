@@ -199,3 +199,64 @@ def test_xpo_relies_on_trainer_epoch_checkpoint_and_metrics_behaviour():
     )
     log = inspect.getsource(DPOTrainer.log)
     assert "self._metrics[mode].items()" in log and "self._metrics[mode].clear()" in log
+
+
+# Multi-process, PEFT and logging paths (trl_sharpen/distributed.py, report_tables.py, fingerprints.py and the online
+# trainers' multi-process code): (owner, name, leading parameters)
+def _setup_devices_source():
+    from transformers import TrainingArguments
+
+    return inspect.getsource(TrainingArguments._setup_devices.func)
+
+
+SCALE_OUT_INTERNALS = [
+    # the LM head whose `log_probs` SelfRewardDPOTrainer captures; DPO adds it in __init__
+    (trl.trainer.utils, "add_fused_lm_head", ["model", "temperature", "cast_lm_head_to_fp32", "outputs"]),
+    (trl.models.utils, "_unwrap_model_for_generation", ["model", "accelerator", "gather_deepspeed3_params"]),
+    (DataCollatorForPreference, "__init__", ["self", "pad_token_id", "max_length"]),
+    (Trainer, "_save_rng_state", ["self", "output_dir"]),
+    (Trainer, "_load_rng_state", ["self", "checkpoint"]),
+]
+
+
+@pytest.mark.parametrize(
+    "owner, name, parameters", SCALE_OUT_INTERNALS, ids=[name for _, name, _ in SCALE_OUT_INTERNALS]
+)
+def test_scale_out_internals_exist_with_their_parameters(owner, name, parameters):
+    assert hasattr(owner, name), f"{owner.__name__}.{name} is gone"
+    assert leading_parameters(getattr(owner, name), len(parameters)) == parameters
+
+
+def test_scale_out_relies_on_accelerate_transformers_and_trl_behaviour():
+    from accelerate.state import AcceleratorState, PartialState
+    from transformers import PreTrainedModel
+    from transformers.integrations import TensorBoardCallback
+
+    # distributed.check_launch: with cpu (ACCELERATE_USE_CPU) accelerate does not turn DeepSpeed on
+    assert 'os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not cpu' in inspect.getsource(
+        AcceleratorState.__init__
+    )
+    # distributed.distributed_state: PartialState(cpu=True) is what sets up gloo for CPU processes...
+    assert list(inspect.signature(PartialState.__init__).parameters)[:2] == ["self", "cpu"]
+    assert "DistributedType.MULTI_CPU" in inspect.getsource(PartialState._prepare_backend)
+    # ...and what a training config's use_cpu asks for (recipes on CPU processes need it: check_training_args)
+    assert 'accelerator_state_kwargs["cpu"] = True' in _setup_devices_source()
+    # SelfRewardDPOTrainer keeps the pair count equal across processes: DPO's loss all-gathers per-pair tensors
+    assert "self.accelerator.gather(chosen_rewards)" in inspect.getsource(DPOTrainer._compute_loss)
+    # ...and syncs generation when ZeRO-3 weights are left partitioned
+    unwrap = inspect.getsource(trl.models.utils._unwrap_model_for_generation)
+    assert "if not gather_deepspeed3_params:" in unwrap and "deepspeed.zero.GatheredParameters(" in unwrap
+    # LoRA under gradient checkpointing keeps its input gradients when generation toggles checkpointing off and on
+    assert "unwrapped_model.gradient_checkpointing_enable(" in unwrap
+    assert "self.enable_input_require_grads()" in inspect.getsource(PreTrainedModel._activation_checkpointing_enable)
+    # report_tables.log_table writes through the Trainer's own tensorboard writer
+    assert "self.tb_writer.add_scalar" in inspect.getsource(TensorBoardCallback.on_log)
+
+
+def test_fingerprints_rely_on_deepspeed_gathered_status():
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters, ZeroParamStatus
+
+    # fingerprints._gathered skips parameters an enclosing context already gathered: nesting is refused
+    assert ZeroParamStatus.AVAILABLE
+    assert "Nested GatheredParameters contexts cannot overlap" in inspect.getsource(GatheredParameters.__enter__)
