@@ -33,7 +33,7 @@ from trl.models.utils import unwrap_model_for_generation
 
 from trl_sharpen import XPOConfig, XPOTrainer
 from trl_sharpen.data import ensure_pad_token
-from trl_sharpen.distributed import parse_args_and_config, rank_summary
+from trl_sharpen.distributed import parse_args_and_config, print_rank_summary
 from trl_sharpen.script_utils import SharpenScriptArguments, load_prompt_datasets, report_greedy_accuracy
 from trl_sharpen.toy import TOY_MODEL_PATH
 
@@ -83,7 +83,7 @@ def main(script_args: SharpenScriptArguments, training_args: XPOConfig, model_ar
     greedy_report(trainer, tokenizer, dataset, script_args, "before")
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    print(rank_summary(trainer), flush=True)  # every rank: its backend, steps and weights
+    print_rank_summary(trainer)  # every rank: its backend, steps and weights
     trainer.save_model(training_args.output_dir)
     trainer.create_model_card(dataset_name=script_args.dataset_name)
     logger.info("Model saved to %s", training_args.output_dir)
