@@ -336,21 +336,25 @@ def mean_logprob_of_fixed_base_samples(model, tokenizer, base, num_prompts=64, n
 
 @pytest.mark.slow
 def test_bonus_lowers_the_policy_log_prob_of_base_samples(tmp_path, toy_tokenizer):
-    """Same seed, same steps, alpha = 1 vs 0, on the poor-coverage base (where XPO's bonus is meant to matter):
-    the bonus pushes probability away from what pi_base samples. Measured on fixed base samples of held-out prompts."""
+    """Same seed, same 32 steps, alpha = 1 vs 0, on the poor-coverage base (the regime the bonus is for): the bonus
+    pushes probability away from what pi_base samples. Measured on fixed base samples of held-out prompts.
+
+    (About 4 nats here; other seeds and prompt sets gave 2.5-3.8. On the default toy base, where half the base samples are the careful
+    solution that the regression sharpens towards, the bonus does not win against sharpening: about +0.2 nats.)"""
     measured = {}
     for alpha in (0.0, 1.0):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(POOR_COVERAGE_MODEL_PATH)
         trainer = make_trainer(
-            tmp_path / str(alpha), model, toy_tokenizer, alpha=alpha, max_steps=8, per_device_train_batch_size=16
-        )
+            tmp_path / str(alpha), model, toy_tokenizer, alpha=alpha, max_steps=32, per_device_train_batch_size=16,
+            lr_scheduler_type="constant",
+        )  # fmt: skip
         trainer.train()
         base = AutoModelForCausalLM.from_pretrained(POOR_COVERAGE_MODEL_PATH).eval()
         measured[alpha] = mean_logprob_of_fixed_base_samples(trainer.model, toy_tokenizer, base)
     measured["base"] = mean_logprob_of_fixed_base_samples(base, toy_tokenizer, base)
     print(f"mean log pi(y~|x) on fixed base samples: {measured}")
-    assert measured[1.0] < measured[0.0] - 0.3
+    assert measured[1.0] < measured[0.0] - 1.0
 
 
 # ----------------------------------------------------------------------------------------------------- quality
