@@ -37,8 +37,16 @@ def _short_name(report: SharpeningReport) -> str:
     return "/".join(parts[-2:]) if len(parts) > 2 else name
 
 
-def plot_accuracy_vs_n(report: SharpeningReport, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Accuracy against n (log2 axis): greedy (horizontal line), BoN@n per self-reward, pass@n (dashed)."""
+def plot_accuracy_vs_n(
+    report: SharpeningReport,
+    path: str | os.PathLike,
+    title: str | None = None,
+    reference_lines: dict[str, float] | None = None,
+) -> Path:
+    """Accuracy against n (log2 axis): greedy (horizontal line), BoN@n per self-reward, pass@n (dashed).
+
+    `reference_lines` adds one horizontal line per entry, e.g. the greedy accuracy of sharpened models, which should
+    reach the Best-of-N curve (sharpening amortises BoN into greedy decoding)."""
     figure = _new_figure(6.4, 4.4)
     axes = figure.add_subplot()
     ns = report.ns
@@ -60,8 +68,16 @@ def plot_accuracy_vs_n(report: SharpeningReport, path: str | os.PathLike, title:
         color="tab:red",
         linestyle=":",
         linewidth=2,
-        label=f"greedy ({report.greedy.accuracy:.3f})",
+        label=f"greedy{' (base)' if reference_lines else ''} ({report.greedy.accuracy:.3f})",
     )
+    for index, (label, accuracy) in enumerate((reference_lines or {}).items()):
+        axes.axhline(
+            accuracy,
+            color=f"C{index + 4}",
+            linestyle=(0, (5, 2 + index)),
+            linewidth=1.6,
+            label=f"{label} ({accuracy:.3f})",
+        )
     axes.set_xscale("log", base=2)
     axes.set_xticks(ns, [str(n) for n in ns])
     axes.minorticks_off()
