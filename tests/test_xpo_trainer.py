@@ -20,6 +20,8 @@ from trl_sharpen.generation import build_generation_config, generate_completions
 from trl_sharpen.logprobs import sequence_logprobs
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
+from .test_self_reward_dpo_trainer import count_scoring_forwards  # pi_base scoring passes (no KV cache)
+
 
 REPO = Path(__file__).resolve().parents[1]
 POOR_COVERAGE_MODEL_PATH = str(REPO / "trl_sharpen" / "toy" / "base_model_poor_coverage")
@@ -50,18 +52,6 @@ def make_trainer(tmp_path, model, tokenizer, train_dataset=None, **overrides):
         train_dataset=train_dataset if train_dataset is not None else load_toy_prompts("train").select(range(64)),
         processing_class=tokenizer,
     )
-
-
-def count_scoring_forwards(model):
-    """Sizes of the pi_base scoring passes: backbone calls without a KV cache (generation always runs with one)."""
-    calls = []
-
-    def hook(module, args, kwargs):
-        if kwargs.get("use_cache") is False:
-            calls.append(kwargs["input_ids"].size(0))
-
-    model.model.register_forward_pre_hook(hook, with_kwargs=True)
-    return calls
 
 
 def logged(log_history, key):
