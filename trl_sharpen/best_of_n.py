@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .data import ensure_pad_token, model_max_length, tokenize_prompts, validate_prompt_dataset
 from .fingerprints import model_fingerprint, tokenizer_fingerprint
-from .generation import Completions, build_generation_config, generate_completions
+from .generation import Completions, generate_completions, sampling_config, seeded
 from .self_rewards import SelfReward, get_self_reward
 
 
@@ -217,14 +217,8 @@ def best_of_n(
     validate_prompt_dataset(prompts, prompt_column)
     ensure_pad_token(tokenizer)
     reward = get_self_reward(self_reward, answer_extractor=answer_extractor, model=model, tokenizer=tokenizer)
-    generation_config = build_generation_config(
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=_eos_token_ids(model, tokenizer),
+    generation_config = sampling_config(
+        model, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
     )
     prompt_ids = tokenize_prompts(
         tokenizer, prompts[prompt_column], max_new_tokens=max_new_tokens, max_length=model_max_length(model)
@@ -278,8 +272,7 @@ def best_of_n(
     try:
         for shard in my_shards:
             indices = list(range(shard * shard_size, min((shard + 1) * shard_size, len(prompts))))
-            with torch.random.fork_rng(devices=_rng_devices(model)):
-                torch.manual_seed(seed + shard)
+            with seeded(model, seed + shard):
                 rows = _best_of_n_shard(
                     model,
                     tokenizer,
@@ -424,21 +417,6 @@ def _base_logprobs(completions: Completions, prompt_ids, base_logprobs_fn) -> li
         return completions.logprobs
     expanded = [prompt_ids[i] for i in completions.prompt_index]
     return [float(x) for x in base_logprobs_fn(expanded, completions.completion_ids)]
-
-
-def _eos_token_ids(model, tokenizer) -> int | list[int]:
-    """EOS ids from the model's generation config (chat models often end turns with several), else the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token.")
-    return eos
-
-
-def _rng_devices(model) -> list:
-    device = next(model.parameters()).device
-    return [device] if device.type == "cuda" else []
 
 
 class _quiet_datasets:

@@ -36,9 +36,8 @@ from accelerate.utils import is_peft_model
 from tqdm.auto import tqdm
 
 from .answers import AnswerExtractor, answers_match, get_answer_extractor, load_callable
-from .best_of_n import _eos_token_ids
 from .data import ensure_pad_token, model_max_length, tokenize_prompts
-from .generation import build_generation_config, generate_completions
+from .generation import generate_completions, sampling_config, seeded
 from .logprobs import sequence_logprobs
 from .self_rewards import MajorityReward, SelfReward, base_scoring_context, get_self_reward
 
@@ -113,17 +112,7 @@ def evaluate_greedy(
     start = time.perf_counter()
     ensure_pad_token(tokenizer)
     prompt_ids = tokenize_prompts(tokenizer, prompts, max_new_tokens, model_max_length(model))
-    config = build_generation_config(
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id
-        if getattr(model.generation_config, "eos_token_id", None) is None
-        else model.generation_config.eos_token_id,
-    )
+    config = sampling_config(model, tokenizer, do_sample=False, max_new_tokens=max_new_tokens)
     with eval_mode(model):
         greedy = generate_completions(model, prompt_ids, config, batch_size=batch_size, record_logprobs=False)
     texts = tokenizer.batch_decode(greedy.completion_ids, skip_special_tokens=True)
@@ -660,18 +649,10 @@ def evaluate_sharpening(
     timer["greedy"] = time.perf_counter()
 
     prompt_ids = tokenize_prompts(tokenizer, prompts, max_new_tokens, model_max_length(model))
-    config = build_generation_config(
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=_eos_token_ids(model, tokenizer),
+    config = sampling_config(
+        model, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
     )
-    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
-    with eval_mode(model), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with eval_mode(model), seeded(model, seed):
         # The long part of an evaluation (N samples per prompt): a progress bar, like Best-of-N sampling
         with tqdm(total=len(prompt_ids) * num_samples, desc="Sampling for evaluation", unit="sample") as bar:
             sampled = generate_completions(

@@ -8,6 +8,7 @@ processor, so the sum is the model's own log-probability and equals a separate s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -99,6 +100,51 @@ def build_generation_config(
         **sampling,
         **extra,
     )
+
+
+def eos_token_ids(model, tokenizer) -> int | list[int]:
+    """EOS ids from the model's generation config (chat models often end turns with several), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token.")
+    return eos
+
+
+def sampling_config(
+    model,
+    tokenizer,
+    *,
+    max_new_tokens: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    **extra,
+) -> GenerationConfig:
+    """`build_generation_config` with the pad token from `tokenizer` and the EOS ids from `model` (see
+    `eos_token_ids`). Defaults: plain sampling from the model's own distribution, as in the paper (App. A.4)."""
+    return build_generation_config(
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_token_ids(model, tokenizer),
+        **extra,
+    )
+
+
+@contextlib.contextmanager
+def seeded(model: torch.nn.Module, seed: int):
+    """Sample with `seed` without touching the caller's random state (a trainer's RNG must not depend on whether it
+    generated): the CPU and CUDA generators are restored on exit."""
+    devices = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id, print_prompt_completions_sample, use_adapter
 
 from .data import is_conversational_prompt, tokenize_prompt, validate_prompt_dataset
-from .generation import Completions, build_generation_config, generate_completions
+from .generation import Completions, generate_completions, sampling_config
 from .logprobs import sequence_logprobs
 from .paper import SHARPENING_PAPER
 from .report_tables import log_table
@@ -134,15 +134,13 @@ class SelfRewardDPOTrainer(DPOTrainer):
         self.self_reward = get_self_reward(
             args.self_reward, tokenizer=self._tokenizer, answer_extractor=args.answer_extractor
         )
-        eos_token_id = self.accelerator.unwrap_model(self.model).generation_config.eos_token_id
-        self.generation_config = build_generation_config(
-            do_sample=True,
+        self.generation_config = sampling_config(
+            self.accelerator.unwrap_model(self.model),
+            self._tokenizer,
             temperature=args.temperature,
             top_p=args.top_p,
             top_k=args.top_k,
             max_new_tokens=args.max_completion_length,
-            pad_token_id=self._tokenizer.pad_token_id,
-            eos_token_id=self._tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
             **(args.generation_kwargs or {}),
         )
         # Prompts are never truncated: `_prepare_dataset` keeps only prompts with room for a full completion, so the
