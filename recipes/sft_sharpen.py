@@ -24,22 +24,21 @@ Every field of `SharpenScriptArguments`, `BoNSFTConfig` and `trl.ModelConfig` ca
 command line (`--help` lists them).
 """
 
-import logging
-
-import transformers
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
-from trl.models.utils import unwrap_model_for_generation
 
 from trl_sharpen import BoNSFTConfig, BoNSFTTrainer, answers_match
-from trl_sharpen.data import ensure_pad_token
-from trl_sharpen.distributed import parse_args_and_config, print_rank_summary
-from trl_sharpen.script_utils import SharpenScriptArguments, load_prompt_datasets, report_greedy_accuracy
-from trl_sharpen.toy import TOY_MODEL_PATH
-
-
-logger = logging.getLogger(__name__)
+from trl_sharpen.distributed import parse_args_and_config
+from trl_sharpen.script_utils import (
+    SharpenScriptArguments,
+    finish_run,
+    load_model_name_and_tokenizer,
+    load_prompt_datasets,
+    report_policy_accuracy,
+    setup_run,
+    train_and_save,
+)
 
 
 def report_bon_data(trainer: BoNSFTTrainer, script_args: SharpenScriptArguments) -> None:
@@ -57,21 +56,8 @@ def report_bon_data(trainer: BoNSFTTrainer, script_args: SharpenScriptArguments)
 
 
 def main(script_args: SharpenScriptArguments, training_args: BoNSFTConfig, model_args: ModelConfig):
-    transformers.set_seed(training_args.seed)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-
-    model_name = model_args.model_name_or_path or TOY_MODEL_PATH
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
-    )
-    ensure_pad_token(tokenizer)
+    setup_run(training_args)
+    model_name, tokenizer = load_model_name_and_tokenizer(model_args, training_args)
     dataset = load_prompt_datasets(script_args)
 
     # Samples (or reloads) the Best-of-N data under <output_dir>/bon_data before returning
@@ -85,28 +71,17 @@ def main(script_args: SharpenScriptArguments, training_args: BoNSFTConfig, model
         peft_config=peft_config,
     )
     report_bon_data(trainer, script_args)
-    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
-        # Untrained, the model is pi_base (with PEFT, `report_greedy_accuracy` scores with adapters disabled anyway)
-        report_greedy_accuracy(model, tokenizer, dataset, script_args, "before", base_model=model)
+    report_policy_accuracy(trainer, tokenizer, dataset, script_args, "before", untrained=True)
+    train_and_save(trainer, training_args, script_args)
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    print_rank_summary(trainer)  # every rank: its backend, steps and weights
-    trainer.save_model(training_args.output_dir)
-    trainer.create_model_card(dataset_name=script_args.dataset_name)
-    logger.info("Model saved to %s", training_args.output_dir)
-
-    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
-        if peft_config is not None:
-            base = model  # scored with its adapters disabled
-        elif trainer.is_deepspeed_enabled:
-            base = None  # a second full copy under DeepSpeed is not worth it for a report: accuracy only
-        else:
-            base = AutoModelForCausalLM.from_pretrained(model_name, **training_args.model_init_kwargs)
-            base.to(trainer.accelerator.device)
-        report_greedy_accuracy(model, tokenizer, dataset, script_args, "after", base_model=base)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    trainer.accelerator.end_training()
+    # Full fine-tuning keeps no pi_base in memory: load one for the report (under DeepSpeed, a second full copy is not
+    # worth it for a report: accuracy only). With PEFT the adapter-disabled policy is pi_base.
+    base = None
+    if peft_config is None and not trainer.is_deepspeed_enabled:
+        base = AutoModelForCausalLM.from_pretrained(model_name, **training_args.model_init_kwargs)
+        base.to(trainer.accelerator.device)
+    report_policy_accuracy(trainer, tokenizer, dataset, script_args, "after", base_model=base)
+    finish_run(trainer, training_args, script_args)
 
 
 def make_parser() -> TrlParser:

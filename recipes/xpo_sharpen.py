@@ -24,47 +24,24 @@ Every field of `SharpenScriptArguments`, `XPOConfig` and `trl.ModelConfig` can b
 line (`--help` lists them).
 """
 
-import logging
-
-import transformers
-from transformers import AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
-from trl.models.utils import unwrap_model_for_generation
 
 from trl_sharpen import XPOConfig, XPOTrainer
-from trl_sharpen.data import ensure_pad_token
-from trl_sharpen.distributed import parse_args_and_config, print_rank_summary
-from trl_sharpen.script_utils import SharpenScriptArguments, load_prompt_datasets, report_greedy_accuracy
-from trl_sharpen.toy import TOY_MODEL_PATH
-
-
-logger = logging.getLogger(__name__)
-
-
-def greedy_report(trainer, tokenizer, dataset, script_args, label):
-    """Greedy accuracy of the policy, and the mean log pi_base of its greedy outputs."""
-    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as policy:
-        # With PEFT, `report_greedy_accuracy` scores the policy with its adapters disabled, i.e. under pi_base
-        base = policy if trainer.ref_model is None else trainer.accelerator.unwrap_model(trainer.ref_model)
-        return report_greedy_accuracy(policy, tokenizer, dataset, script_args, label, base_model=base)
+from trl_sharpen.distributed import parse_args_and_config
+from trl_sharpen.script_utils import (
+    SharpenScriptArguments,
+    finish_run,
+    load_model_name_and_tokenizer,
+    load_prompt_datasets,
+    report_policy_accuracy,
+    setup_run,
+    train_and_save,
+)
 
 
 def main(script_args: SharpenScriptArguments, training_args: XPOConfig, model_args: ModelConfig):
-    transformers.set_seed(training_args.seed)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-
-    model_name = model_args.model_name_or_path or TOY_MODEL_PATH
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
-    )
-    ensure_pad_token(tokenizer)
+    setup_run(training_args)
+    model_name, tokenizer = load_model_name_and_tokenizer(model_args, training_args)
     dataset = load_prompt_datasets(script_args)
     test_split = script_args.dataset_test_split
 
@@ -80,18 +57,10 @@ def main(script_args: SharpenScriptArguments, training_args: XPOConfig, model_ar
     )
     if quantization_config is None and not trainer.is_deepspeed_enabled:
         trainer.model.to(trainer.accelerator.device)  # `Trainer` places it only when training starts
-    greedy_report(trainer, tokenizer, dataset, script_args, "before")
-
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    print_rank_summary(trainer)  # every rank: its backend, steps and weights
-    trainer.save_model(training_args.output_dir)
-    trainer.create_model_card(dataset_name=script_args.dataset_name)
-    logger.info("Model saved to %s", training_args.output_dir)
-
-    greedy_report(trainer, tokenizer, dataset, script_args, "after")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    trainer.accelerator.end_training()
+    report_policy_accuracy(trainer, tokenizer, dataset, script_args, "before")
+    train_and_save(trainer, training_args, script_args)
+    report_policy_accuracy(trainer, tokenizer, dataset, script_args, "after")
+    finish_run(trainer, training_args, script_args)
 
 
 def make_parser() -> TrlParser:

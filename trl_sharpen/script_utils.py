@@ -1,17 +1,27 @@
-"""Pieces shared by the recipes in `recipes/`: script arguments, dataset loading and the before/after report."""
+"""Pieces shared by the recipes in `recipes/`: script arguments, run setup, dataset loading, the before/after report
+and the end of a run. Each recipe's `main()` reads as the sequence seed -> logging -> tokenizer -> data -> trainer ->
+report -> train -> save -> report, with the steps below."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
+import transformers
 from accelerate import PartialState
 from datasets import DatasetDict, load_dataset
+from transformers import AutoTokenizer
 from trl import ScriptArguments
+from trl.models.utils import unwrap_model_for_generation
 
 from .answers import extract_answer
-from .data import is_saved_dataset
+from .data import ensure_pad_token, is_saved_dataset
+from .distributed import print_rank_summary
 from .evaluation import evaluate_greedy
-from .toy import TOY_DATA_DIR
+from .toy import TOY_DATA_DIR, TOY_MODEL_PATH
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,3 +106,58 @@ def report_greedy_accuracy(model, tokenizer, dataset: DatasetDict, script_args, 
         )
         print(f"[{label}] greedy accuracy on {len(test)} {split} prompts: {result.accuracy:.3f}{loglik}", flush=True)
     return result
+
+
+def setup_run(training_args) -> None:
+    """Seed and logging, as TRL's example scripts do."""
+    transformers.set_seed(training_args.seed)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+
+def load_model_name_and_tokenizer(model_args, training_args):
+    """The model to train (default: the bundled toy base) with `ModelConfig`'s loading options moved into the
+    trainer's `model_init_kwargs`, and its tokenizer (EOS as pad token when it has none)."""
+    model_name = model_args.model_name_or_path or TOY_MODEL_PATH
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+    )
+    ensure_pad_token(tokenizer)
+    return model_name, tokenizer
+
+
+def report_policy_accuracy(
+    trainer, tokenizer, dataset, script_args, label: str, base_model=None, untrained: bool = False
+):
+    """Greedy accuracy of the trainer's policy on the test split, and the mean log pi_base of its greedy outputs.
+
+    pi_base is the trainer's reference model when it has one, the policy itself when it is `untrained` or a PEFT
+    model (scored with its adapters disabled), else `base_model` (None: accuracy only)."""
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as policy:
+        ref_model = getattr(trainer, "ref_model", None)
+        if ref_model is not None:
+            base_model = trainer.accelerator.unwrap_model(ref_model)
+        elif untrained or hasattr(policy, "disable_adapter"):
+            base_model = policy
+        return report_greedy_accuracy(policy, tokenizer, dataset, script_args, label, base_model=base_model)
+
+
+def train_and_save(trainer, training_args, script_args) -> None:
+    """Train (resuming when asked), print what every rank did, save the model and its model card."""
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    print_rank_summary(trainer)  # every rank: its backend, steps and weights
+    trainer.save_model(training_args.output_dir)
+    trainer.create_model_card(dataset_name=script_args.dataset_name)
+    logger.info("Model saved to %s", training_args.output_dir)
+
+
+def finish_run(trainer, training_args, script_args) -> None:
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.accelerator.end_training()

@@ -26,8 +26,10 @@ the N samples is careful. Prompts with two terms are "easy" (``careful_prob = 0.
 there, which is what adaptive sampling exploits.
 
 The ``poor_coverage`` variant keeps the same format but makes careful solutions rare (``careful_prob = 0.02``): the
-argmax sequence is still the careful one, but few base samples ever reach it (pass@16 about 0.28), the regime in
-which the paper predicts exploration (XPO) to beat SFT-Sharpening.
+argmax sequence is still the careful one, but few base samples ever reach it, the regime in which the paper predicts
+exploration (XPO) to beat SFT-Sharpening. Its bundled base (``base_model_poor_coverage``, 15000 pretraining steps)
+samples the careful solution within 16 draws on 27% of the test prompts; pass@16 is 0.38 because a blind guess
+cannot avoid the sum it never computed and hits it about 1% of the time.
 """
 
 from __future__ import annotations
