@@ -326,38 +326,42 @@ def _best_of_n_shard(
     **sampling,
 ) -> list[dict]:
     samples = _sample(model, prompt_ids, generation_config, **sampling)
-    texts = [tokenizer.batch_decode(ids, skip_special_tokens=True) for ids, _, _ in samples]
-    # Score all completions of the shard in one call; `group_ids` tells group-wise rewards (majority) the prompts apart
+    # Decode and score all completions of the shard in one call each; `group_ids` tells group-wise rewards (majority)
+    # which prompt a completion belongs to
     group_ids = [p for p, (ids, _, _) in enumerate(samples) for _ in ids]
-    prompt_values = shard_prompts[prompt_column]
+    flat_ids = [ids for prompt_samples, _, _ in samples for ids in prompt_samples]
+    flat_texts = tokenizer.batch_decode(flat_ids, skip_special_tokens=True)
+    input_rows = shard_prompts.to_list()
     all_rewards = reward(
-        [prompt_values[p] for p in group_ids],
-        [text for prompt_texts in texts for text in prompt_texts],
-        [ids for prompt_ids_, _, _ in samples for ids in prompt_ids_],
+        [input_rows[p][prompt_column] for p in group_ids],
+        flat_texts,
+        flat_ids,
         base_logprobs=[lp for _, logprobs, _ in samples for lp in logprobs],
         group_ids=group_ids,
     )
     rows, offset = [], 0
-    for p, ((ids, logprobs, truncated), prompt_texts) in enumerate(zip(samples, texts, strict=True)):
-        rewards = all_rewards[offset : offset + len(ids)]
+    for p, (ids, logprobs, truncated) in enumerate(samples):
+        span = slice(offset, offset + len(ids))
         offset += len(ids)
-        selected, effective = select_best(rewards, truncated, truncated_policy, truncation_penalty)
-        row = dict(shard_prompts[p])
-        row.update(
-            prompt_index=indices[p],
-            prompt_ids=prompt_ids[p],
-            completions=prompt_texts,
-            completion_ids=ids,
-            base_logprobs=logprobs,
-            rewards=effective,
-            truncated=truncated,
-            num_samples=len(ids),
-            selected_index=selected,
-            selected_completion=prompt_texts[selected] if selected >= 0 else None,
-            selected_completion_ids=ids[selected] if selected >= 0 else None,
-            selected_reward=effective[selected] if selected >= 0 else None,
+        texts = flat_texts[span]
+        selected, effective = select_best(all_rewards[span], truncated, truncated_policy, truncation_penalty)
+        rows.append(
+            {
+                **input_rows[p],
+                "prompt_index": indices[p],
+                "prompt_ids": prompt_ids[p],
+                "completions": texts,
+                "completion_ids": ids,
+                "base_logprobs": logprobs,
+                "rewards": effective,
+                "truncated": truncated,
+                "num_samples": len(ids),
+                "selected_index": selected,
+                "selected_completion": texts[selected] if selected >= 0 else None,
+                "selected_completion_ids": ids[selected] if selected >= 0 else None,
+                "selected_reward": effective[selected] if selected >= 0 else None,
+            }
         )
-        rows.append(row)
     return rows
 
 
