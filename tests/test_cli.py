@@ -44,3 +44,27 @@ def test_bon_command_reports_bad_arguments(tmp_path):
     assert out.returncode != 0 and "num_samples must be at least 1" in out.stderr
     assert run_cli("bon", "--help").returncode == 0
     assert run_cli("nonsense").returncode == 2
+
+
+def test_gsm8k_style_columns_are_mapped(tmp_path):
+    """`question` prompts wrapped as chat messages, worked-solution references reduced to their final answer."""
+    import json
+
+    from trl_sharpen.toy.task import careful_solution, question
+
+    rows = [{"question": question(t), "answer": f"{careful_solution(t)} #### {sum(t)}"} for t in ([3, 5], [9, 1, 4])]
+    data = tmp_path / "gsm8k_like.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    mapping = ["--prompt_column", "question", "--chat_prompts", "--extract_reference_answers"]
+    out = run_cli("eval", "--model_name_or_path", TOY_MODEL_PATH, "--dataset_name", str(data), "--num_samples", "8",
+                  "--max_new_tokens", "40", "--output_dir", str(tmp_path / "eval"), "--no_plots", *mapping)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    # chat-formatted prompts: the toy base answers them like the plain ones (its BoN finds the careful solution)
+    assert report["best_of_n"]["logprob"]["8"] >= 0.5
+    bon = run_cli("bon", "--model_name_or_path", TOY_MODEL_PATH, "--dataset_name", str(data), "--num_samples", "4",
+                  "--max_new_tokens", "40", "--output_dir", str(tmp_path / "bon"), "--answer_column", "answer",
+                  *mapping)  # fmt: skip
+    assert bon.returncode == 0, bon.stderr
+    result = load_from_disk(str(tmp_path / "bon"))
+    assert result[0]["prompt"] == [{"role": "user", "content": "3 + 5 = ?"}] and result[0]["answer"] == "8"

@@ -19,19 +19,48 @@ from dataclasses import dataclass, field
 from .best_of_n import TRUNCATION_POLICIES
 
 
-@dataclass
-class BestOfNArguments:
+@dataclass(kw_only=True)
+class PromptDataArguments:
+    """Where the prompts (and reference answers) come from; shared by the sub-commands."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Prompts: a saved dataset, a .jsonl/.json/.csv/.parquet/.txt file, or a dataset name."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration (e.g. `main`)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to read when the dataset has several."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompts (e.g. `question`)."})
+    chat_prompts: bool = field(
+        default=False,
+        metadata={"help": "Wrap plain-text prompts as one user message, so the tokenizer's chat template applies."},
+    )
+    answer_column: str | None = field(default=None, metadata={"help": "Column holding the reference answers."})
+    extract_reference_answers: bool = field(
+        default=False,
+        metadata={"help": "References are worked solutions (GSM8K's '... #### 72'): compare with their final answer."},
+    )
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+
+    def load_prompts(self):
+        """The prompts as a dataset with a `prompt` column (see `trl_sharpen.data.as_prompt_dataset`)."""
+        from .data import as_prompt_dataset, load_prompts
+
+        if self.dataset_name is None:
+            raise ValueError("Pass the prompts with --dataset_name (a file, a saved dataset or a dataset name).")
+        prompts = load_prompts(self.dataset_name, self.dataset_split, self.prompt_column, self.dataset_config)
+        if self.num_prompts is not None:
+            prompts = prompts.select(range(min(self.num_prompts, len(prompts))))
+        return as_prompt_dataset(
+            prompts, self.prompt_column, self.chat_prompts, self.answer_column, self.extract_reference_answers
+        )
+
+
+@dataclass(kw_only=True)
+class BestOfNArguments(PromptDataArguments):
     """Arguments of `trl-sharpen bon`: inference-time Best-of-N sharpening (Huang et al. 2025, App. C)."""
 
     model_name_or_path: str = field(metadata={"help": "Model to sample from and score with (path or Hub id)."})
     output_dir: str = field(metadata={"help": "Where shards and the final `datasets` dataset are written."})
-    dataset_name: str = field(
-        default=None,
-        metadata={"help": "Prompts: a saved dataset, a .jsonl/.json/.csv/.parquet/.txt file, or a dataset name."},
-    )
-    dataset_split: str = field(default="train", metadata={"help": "Split to read when the dataset has several."})
-    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompts."})
-    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     num_samples: int = field(default=16, metadata={"help": "N: completions sampled per prompt."})
     self_reward: str = field(
         default="logprob",
@@ -58,7 +87,7 @@ class BestOfNArguments:
     )
     answer_column: str | None = field(
         default=None,
-        metadata={"help": "Column with reference answers: if set, print the accuracy of the selected completions."},
+        metadata={"help": "Column with reference answers: if set, print greedy and Best-of-N accuracy side by side."},
     )
     shard_size: int = field(default=64, metadata={"help": "Prompts per shard (unit of resumption)."})
     overwrite: bool = field(default=False, metadata={"help": "Discard results from other arguments in output_dir."})
@@ -73,16 +102,11 @@ def run_best_of_n(args: BestOfNArguments):
 
     from .answers import answers_match, get_answer_extractor
     from .best_of_n import best_of_n
-    from .data import load_prompts
     from .distributed import distributed_state
     from .evaluation import evaluate_greedy
 
-    if args.dataset_name is None:
-        raise ValueError("Pass the prompts with --dataset_name (a file, a saved dataset or a dataset name).")
+    prompts = args.load_prompts()
     state = distributed_state()  # under `accelerate launch`: the shards are split across the processes
-    prompts = load_prompts(args.dataset_name, args.dataset_split, args.prompt_column)
-    if args.num_prompts is not None:
-        prompts = prompts.select(range(min(args.num_prompts, len(prompts))))
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
@@ -104,7 +128,6 @@ def run_best_of_n(args: BestOfNArguments):
         adaptive_delta=args.adaptive_delta,
         adaptive_round_size=args.adaptive_round_size,
         answer_extractor=args.answer_extractor,
-        prompt_column=args.prompt_column,
         output_dir=args.output_dir,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
@@ -116,9 +139,7 @@ def run_best_of_n(args: BestOfNArguments):
         if args.answer_column is not None:
             extractor = get_answer_extractor(args.answer_extractor)
             answers = result[args.answer_column]
-            greedy = evaluate_greedy(
-                model, tokenizer, result[args.prompt_column], answers, max_new_tokens=args.max_new_tokens
-            )
+            greedy = evaluate_greedy(model, tokenizer, result["prompt"], answers, max_new_tokens=args.max_new_tokens)
             selected = result["selected_completion"]
             bon = [c is not None and answers_match(c, a, extractor) for c, a in zip(selected, answers, strict=True)]
             print(f"greedy accuracy:            {greedy.accuracy:.3f}")
@@ -126,19 +147,13 @@ def run_best_of_n(args: BestOfNArguments):
     return result
 
 
-@dataclass
-class EvalArguments:
+@dataclass(kw_only=True)
+class EvalArguments(PromptDataArguments):
     """Arguments of `trl-sharpen eval`: greedy, temperature-1, BoN@n and pass@n accuracy, the generation-verification
     gap, the sharpening error and answer diversity, from one set of N samples per prompt."""
 
     model_name_or_path: str = field(
         metadata={"help": "Model to evaluate (path or Hub id); a PEFT adapter folder is loaded with its base."}
-    )
-    dataset_name: str = field(
-        default=None,
-        metadata={
-            "help": "Prompts with reference answers: a saved dataset, a .jsonl/.json/.csv/.parquet file, or a name."
-        },
     )
     base_model_name_or_path: str | None = field(
         default=None,
@@ -148,9 +163,7 @@ class EvalArguments:
         },
     )
     dataset_split: str = field(default="test", metadata={"help": "Split to read when the dataset has several."})
-    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompts."})
     answer_column: str = field(default="answer", metadata={"help": "Column holding the reference answers."})
-    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     num_samples: int = field(
         default=16, metadata={"help": "N: completions sampled per prompt; smaller n are obtained by subsampling."}
     )
@@ -189,16 +202,11 @@ def run_eval(args: EvalArguments):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import load_prompts
     from .evaluation import evaluate_sharpening, format_report, reference_answers, validate_sample_count
 
-    if args.dataset_name is None:
-        raise ValueError("Pass the prompts and reference answers with --dataset_name (a file or a dataset name).")
     self_rewards = [] if [r.lower() for r in args.self_rewards] == ["none"] else list(args.self_rewards)
     validate_sample_count(args.num_samples, self_rewards)  # before loading anything
-    prompts = load_prompts(args.dataset_name, args.dataset_split, args.prompt_column)
-    if args.num_prompts is not None:
-        prompts = prompts.select(range(min(args.num_prompts, len(prompts))))
+    prompts = args.load_prompts()
     answers = reference_answers(prompts, args.answer_column)  # fail before loading a model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -222,7 +230,7 @@ def run_eval(args: EvalArguments):
     report = evaluate_sharpening(
         model,
         tokenizer,
-        prompts[args.prompt_column],
+        prompts["prompt"],
         answers,
         num_samples=args.num_samples,
         checker=args.checker,

@@ -14,6 +14,8 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from .answers import extract_answer
+
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +60,11 @@ def validate_prompt_dataset(dataset: Dataset | Sequence, prompt_column: str = "p
         raise ValueError(f"Unsupported prompt {first!r} of type {type(first).__name__}. {PROMPT_ONLY_HELP}")
 
 
-def load_prompts(path_or_name: str, split: str = "train", prompt_column: str = "prompt") -> Dataset:
+def load_prompts(
+    path_or_name: str, split: str = "train", prompt_column: str = "prompt", config: str | None = None
+) -> Dataset:
     """Load prompts from a saved dataset (`save_to_disk`), any file `datasets` reads (.jsonl, .json, .csv, .parquet,
-    .txt: one prompt per line), or a dataset name."""
+    .txt: one prompt per line), or a dataset name (with its `config`, e.g. `openai/gsm8k`, `main`)."""
     path = Path(path_or_name)
     if is_saved_dataset(path):
         dataset = load_from_disk(str(path))
@@ -74,12 +78,31 @@ def load_prompts(path_or_name: str, split: str = "train", prompt_column: str = "
         if builder == "text":
             dataset = dataset.rename_column("text", prompt_column)
     else:
-        dataset = load_dataset(path_or_name)
+        dataset = load_dataset(path_or_name, name=config)
     if isinstance(dataset, DatasetDict):
         if split not in dataset:
             raise ValueError(f"{path_or_name} has no split {split!r}; its splits are {list(dataset)}.")
         dataset = dataset[split]
     validate_prompt_dataset(dataset, prompt_column)
+    return dataset
+
+
+def as_prompt_dataset(
+    dataset: Dataset | DatasetDict,
+    prompt_column: str = "prompt",
+    chat_prompts: bool = False,
+    answer_column: str | None = None,
+    extract_reference_answers: bool = False,
+) -> Dataset | DatasetDict:
+    """Map a dataset with prompts and reference answers to what trl_sharpen uses: the prompts in a `prompt` column,
+    optionally wrapped as one user message (`chat_prompts`, so that an instruct model's chat template is applied),
+    and reference answers that are worked solutions (GSM8K's `... #### 72`) reduced to their final answer."""
+    if prompt_column != "prompt":
+        dataset = dataset.rename_column(prompt_column, "prompt")
+    if chat_prompts:
+        dataset = dataset.map(lambda example: {"prompt": [{"role": "user", "content": example["prompt"]}]})
+    if extract_reference_answers and answer_column is not None:
+        dataset = dataset.map(lambda example: {answer_column: extract_answer(example[answer_column])})
     return dataset
 
 

@@ -14,8 +14,7 @@ from transformers import AutoTokenizer
 from trl import ScriptArguments
 from trl.models.utils import unwrap_model_for_generation
 
-from .answers import extract_answer
-from .data import ensure_pad_token, is_saved_dataset
+from .data import as_prompt_dataset, ensure_pad_token, is_saved_dataset
 from .distributed import print_rank_summary
 from .evaluation import evaluate_greedy
 from .toy import TOY_DATA_DIR, TOY_MODEL_PATH
@@ -75,14 +74,13 @@ def load_prompt_datasets(script_args: SharpenScriptArguments) -> DatasetDict:
     if script_args.num_train_prompts is not None:
         train = dataset[script_args.dataset_train_split]
         dataset[script_args.dataset_train_split] = train.select(range(min(len(train), script_args.num_train_prompts)))
-    if script_args.prompt_column != "prompt":
-        dataset = dataset.rename_column(script_args.prompt_column, "prompt")
-    if script_args.chat_prompts:
-        dataset = dataset.map(lambda example: {"prompt": [{"role": "user", "content": example["prompt"]}]})
-    column = script_args.eval_answer_column
-    if script_args.extract_reference_answers and column is not None:
-        dataset = dataset.map(lambda example: {column: extract_answer(example[column])})
-    return dataset
+    return as_prompt_dataset(
+        dataset,
+        script_args.prompt_column,
+        script_args.chat_prompts,
+        script_args.eval_answer_column,
+        script_args.extract_reference_answers,
+    )
 
 
 def report_greedy_accuracy(model, tokenizer, dataset: DatasetDict, script_args, label: str, base_model=None):
