@@ -55,8 +55,9 @@ from trl_sharpen import (  # noqa: E402
     XPOTrainer,
 )
 from trl_sharpen.data import tokenize_prompt  # noqa: E402
-from trl_sharpen.evaluation import evaluate_greedy, evaluate_sharpening, pass_at_k  # noqa: E402
+from trl_sharpen.evaluation import evaluate_greedy, evaluate_sharpening  # noqa: E402
 from trl_sharpen.logprobs import sequence_logprobs  # noqa: E402
+from trl_sharpen.metrics import pass_at_k  # noqa: E402
 from trl_sharpen.toy import load_toy_prompts  # noqa: E402
 from trl_sharpen.toy.task import MAX_NUMBER, careful_solution, terms_from_prompt  # noqa: E402
 

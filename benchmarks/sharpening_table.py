@@ -32,8 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from trl_sharpen.evaluation import evaluate_greedy, evaluate_sharpening, lift_over_greedy  # noqa: E402
+from trl_sharpen.evaluation import evaluate_greedy, evaluate_sharpening  # noqa: E402
 from trl_sharpen.plots import plot_accuracy_vs_n  # noqa: E402
+from trl_sharpen.report import lift_over_greedy  # noqa: E402
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts  # noqa: E402
 
 

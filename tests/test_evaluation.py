@@ -15,19 +15,14 @@ from transformers import AutoModelForCausalLM
 
 from trl_sharpen import sequence_logprobs
 from trl_sharpen.answers import extract_answer
-from trl_sharpen.evaluation import (
-    GreedyEvaluation,
-    SampleSet,
-    SharpeningReport,
+from trl_sharpen.evaluation import evaluate_greedy, evaluate_sharpening
+from trl_sharpen.metrics import (
     best_of_n_selection_probabilities,
-    evaluate_greedy,
-    evaluate_sharpening,
-    format_report,
-    lift_over_greedy,
     majority_selection_probabilities,
     pass_at_k,
     subset_sizes,
 )
+from trl_sharpen.report import GreedyEvaluation, SampleSet, SharpeningReport, format_report, lift_over_greedy
 from trl_sharpen.toy import TOY_MODEL_PATH, check_answer, load_toy_prompts
 
 

@@ -9,9 +9,11 @@ __version__ = "0.1.0"
 from .answers import answers_match, extract_answer
 from .best_of_n import best_of_n
 from .data import load_prompts
-from .evaluation import SharpeningReport, evaluate_greedy, evaluate_sharpening, lift_over_greedy, pass_at_k
+from .evaluation import evaluate_greedy, evaluate_sharpening
 from .generation import generate_completions
 from .logprobs import completion_mask_from_eos, sequence_logprobs
+from .metrics import pass_at_k
+from .report import SharpeningReport, lift_over_greedy
 from .self_rewards import SELF_REWARDS, SelfReward, get_self_reward, register_self_reward
 
 

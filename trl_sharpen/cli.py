@@ -202,7 +202,9 @@ def run_eval(args: EvalArguments):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import evaluate_sharpening, format_report, reference_answers, validate_sample_count
+    from .evaluation import evaluate_sharpening, reference_answers
+    from .metrics import validate_sample_count
+    from .report import format_report
 
     self_rewards = [] if [r.lower() for r in args.self_rewards] == ["none"] else list(args.self_rewards)
     validate_sample_count(args.num_samples, self_rewards)  # before loading anything

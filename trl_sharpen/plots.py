@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluation import SharpeningReport
+from .report import SharpeningReport
 
 
 def _new_figure(width: float, height: float):
