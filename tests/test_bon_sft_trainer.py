@@ -19,24 +19,12 @@ from trl_sharpen.bon_sft_trainer import _as_bon_config
 from trl_sharpen.evaluation import evaluate_greedy
 from trl_sharpen.toy import TOY_MODEL_PATH, check_answer, load_toy_prompts
 
+from .trainer_args import cpu_test_args
+
 
 def make_config(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to="none",
-        num_samples=4,
-        max_completion_length=40,
-        generation_batch_size=512,
-        per_device_train_batch_size=16,
-        learning_rate=1e-3,
-        max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return BoNSFTConfig(**kwargs)
+    defaults = dict(num_samples=4, generation_batch_size=512, per_device_train_batch_size=16)
+    return cpu_test_args(BoNSFTConfig, tmp_path, **{**defaults, **overrides})
 
 
 def make_trainer(

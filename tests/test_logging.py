@@ -9,22 +9,13 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.trainer_args import CPU_TEST_ARGS
 from trl_sharpen import BoNSFTConfig, BoNSFTTrainer, SelfRewardDPOConfig, SelfRewardDPOTrainer, best_of_n
 from trl_sharpen.report_tables import markdown_table
 from trl_sharpen.toy import TOY_DATA_DIR, TOY_MODEL_PATH, load_toy_prompts
 
 
-COMMON = dict(
-    use_cpu=True,
-    bf16=False,
-    per_device_train_batch_size=8,
-    learning_rate=1e-3,
-    max_steps=2,
-    logging_steps=1,
-    save_strategy="no",
-    max_completion_length=40,
-    seed=0,
-)
+COMMON = {key: value for key, value in CPU_TEST_ARGS.items() if key != "report_to"}  # the tests choose report_to
 # Per trainer: (our metric keys that must reach tensorboard, the table it logs, its model-card tag)
 EXPECTED = {
     "bon_sft": ({"bon/selected_reward", "bon/reward_gap", "bon/samples_per_prompt"}, "bon_samples", "sft-sharpening"),

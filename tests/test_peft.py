@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from tests.launching import REPO
+from tests.trainer_args import CPU_TEST_ARGS
 from trl_sharpen import BoNSFTConfig, BoNSFTTrainer, SelfRewardDPOConfig, SelfRewardDPOTrainer, sequence_logprobs
 from trl_sharpen.distributed import check_model_args
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
@@ -29,20 +30,7 @@ def model_config(*flags) -> ModelConfig:
 
 
 def make_trainer(name, output_dir, model=TOY_MODEL_PATH, peft_config=None, quantization_config=None, **overrides):
-    kwargs = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        max_completion_length=40,
-        seed=0,
-    )
-    kwargs.update(overrides)
+    kwargs = {**CPU_TEST_ARGS, "output_dir": str(output_dir), "learning_rate": 1e-2, "max_steps": 3, **overrides}
     common = dict(
         train_dataset=load_toy_prompts("train", limit=24),
         processing_class=AutoTokenizer.from_pretrained(TOY_MODEL_PATH),

@@ -12,23 +12,12 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from tests.launching import RECIPES, STEPS, failure_output, launch_recipe, launched_recipe, rank_lines
+from tests.trainer_args import CPU_TEST_ARGS
 from trl_sharpen import BoNSFTConfig, BoNSFTTrainer, SelfRewardDPOConfig, SelfRewardDPOTrainer
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
 
-COMMON = dict(
-    use_cpu=True,
-    bf16=False,
-    report_to="none",
-    per_device_train_batch_size=8,
-    learning_rate=1e-3,
-    logging_steps=1,
-    max_steps=4,
-    save_strategy="steps",
-    save_steps=2,
-    max_completion_length=40,
-    seed=0,
-)
+COMMON = {**CPU_TEST_ARGS, "max_steps": 4, "save_strategy": "steps", "save_steps": 2}
 
 
 def make_trainer(name, output_dir):

@@ -17,23 +17,11 @@ from trl_sharpen import SelfRewardDPOConfig, SelfRewardDPOTrainer
 from trl_sharpen.evaluation import evaluate_greedy
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
+from .trainer_args import cpu_test_args
+
 
 def make_config(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,  # exact float32 numerics (TRL configs default to bf16 autocast, also on CPU)
-        report_to="none",
-        per_device_train_batch_size=8,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        max_completion_length=40,
-        save_strategy="no",
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return SelfRewardDPOConfig(**kwargs)
+    return cpu_test_args(SelfRewardDPOConfig, tmp_path, **overrides)
 
 
 def make_trainer(tmp_path, model, tokenizer, train_dataset=None, **overrides):

@@ -21,6 +21,7 @@ from trl_sharpen.logprobs import sequence_logprobs
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
 from .test_self_reward_dpo_trainer import count_scoring_forwards  # pi_base scoring passes (no KV cache)
+from .trainer_args import cpu_test_args
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,21 +29,7 @@ POOR_COVERAGE_MODEL_PATH = str(REPO / "trl_sharpen" / "toy" / "base_model_poor_c
 
 
 def make_config(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,  # exact float32 numerics (TRL configs default to bf16 autocast, also on CPU)
-        report_to="none",
-        per_device_train_batch_size=8,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        max_completion_length=40,
-        save_strategy="no",
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return XPOConfig(**kwargs)
+    return cpu_test_args(XPOConfig, tmp_path, **overrides)
 
 
 def make_trainer(tmp_path, model, tokenizer, train_dataset=None, **overrides):

@@ -1,0 +1,20 @@
+"""Training arguments shared by the trainer tests: short, exact (float32) runs of the toy model on CPU."""
+
+# TRL configs default to bf16 autocast, also on CPU; float32 keeps policy and reference log-probs comparable to ~1e-6.
+CPU_TEST_ARGS = dict(
+    use_cpu=True,
+    bf16=False,
+    report_to="none",
+    per_device_train_batch_size=8,
+    learning_rate=1e-3,
+    max_steps=2,
+    logging_steps=1,
+    save_strategy="no",
+    max_completion_length=40,  # toy completions are at most ~30 tokens
+    seed=0,
+)
+
+
+def cpu_test_args(config_class, output_dir, **overrides):
+    """`config_class(output_dir=..., **CPU_TEST_ARGS)` with `overrides` applied."""
+    return config_class(output_dir=str(output_dir), **{**CPU_TEST_ARGS, **overrides})
