@@ -1,3 +1,6 @@
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c  # a failing benchmark fails `make bench` even when piped through tee
+
 # Developer shortcuts; every target runs the command the README documents.
 .PHONY: install demo train test quality bench
 
@@ -20,7 +23,9 @@ quality:
 	ruff check trl_sharpen recipes benchmarks tests
 	ruff format --check trl_sharpen recipes benchmarks tests
 
+# About 12 minutes on 2 CPU cores; the coverage experiment (15 minutes) runs on its own:
+# python benchmarks/coverage_experiment.py --seeds 0 1 2
 bench:
-	python benchmarks/best_of_n_speed.py
-	python benchmarks/dpo_step_speed.py
+	python benchmarks/best_of_n_speed.py | tee benchmarks/results/best_of_n_speed.md
+	python benchmarks/dpo_step_speed.py | tee benchmarks/results/dpo_step_speed.md
 	python benchmarks/sharpening_table.py
