@@ -5,7 +5,6 @@ import math
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from trl_sharpen import SelfRewardDPOConfig, SelfRewardDPOTrainer
-from trl_sharpen.evaluation import evaluate_greedy
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
+from .sharpening_check import train_and_check_sharpening
 from .trainer_args import cpu_test_args
 
 
@@ -288,26 +287,10 @@ QUALITY = dict(per_device_train_batch_size=32, max_steps=10, learning_rate=1e-3,
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["sigmoid", "sharpen"])
 def test_sharpening_lifts_toy_greedy_accuracy(tmp_path, toy_model, toy_tokenizer, loss_type):
-    """Greedy accuracy on the 200 held-out prompts rises to >= 0.7 within 5 min of CPU training, and so does the mean
-    log pi_base of the greedy outputs (the paper's log-likelihood lift)."""
-    test = load_toy_prompts("test")
-    base = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).eval()  # a copy the training cannot touch
-    before = evaluate_greedy(toy_model, toy_tokenizer, test["prompt"], test["answer"], base_model=base)
     trainer = make_trainer(
         tmp_path, toy_model, toy_tokenizer, train_dataset=load_toy_prompts("train"), loss_type=loss_type, **QUALITY
     )
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    after = evaluate_greedy(trainer.model, toy_tokenizer, test["prompt"], test["answer"], base_model=base)
-    print(
-        f"{loss_type}: greedy accuracy {before.accuracy:.3f} -> {after.accuracy:.3f}, mean log pi_base(greedy) "
-        f"{before.mean_base_logprob:.3f} -> {after.mean_base_logprob:.3f} in {seconds:.0f} s of training"
-    )
-    assert before.accuracy < 0.15
-    assert after.accuracy >= 0.7
-    assert after.mean_base_logprob > before.mean_base_logprob + 1.0
-    assert seconds <= 300
+    train_and_check_sharpening(trainer, toy_tokenizer, loss_type)
 
 
 # ------------------------------------------------------------------------------------------------------ recipe

@@ -6,7 +6,6 @@ import math
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,11 @@ from transformers import AutoModelForCausalLM, set_seed
 
 from trl_sharpen import XPOConfig, XPOTrainer
 from trl_sharpen.data import tokenize_prompt
-from trl_sharpen.evaluation import evaluate_greedy
 from trl_sharpen.generation import build_generation_config, generate_completions
 from trl_sharpen.logprobs import sequence_logprobs
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
+from .sharpening_check import train_and_check_sharpening
 from .test_self_reward_dpo_trainer import count_scoring_forwards  # pi_base scoring passes (no KV cache)
 from .trainer_args import cpu_test_args
 
@@ -337,11 +336,6 @@ def test_bonus_lowers_the_policy_log_prob_of_base_samples(tmp_path, toy_tokenize
 # ----------------------------------------------------------------------------------------------------- quality
 @pytest.mark.slow
 def test_xpo_lifts_toy_greedy_accuracy(tmp_path, toy_model, toy_tokenizer):
-    """Greedy accuracy on the 200 held-out prompts rises to >= 0.7 within 5 min of CPU training, and so does the mean
-    log pi_base of the greedy outputs (the paper's log-likelihood lift)."""
-    test = load_toy_prompts("test")
-    base = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).eval()  # a copy the training cannot touch
-    before = evaluate_greedy(toy_model, toy_tokenizer, test["prompt"], test["answer"], base_model=base)
     # The toy recipe's hyperparameters (recipes/xpo_sharpen/toy_cpu.yaml), with fewer steps
     trainer = make_trainer(
         tmp_path,
@@ -353,18 +347,7 @@ def test_xpo_lifts_toy_greedy_accuracy(tmp_path, toy_model, toy_tokenizer):
         lr_scheduler_type="constant",
         alpha=0.1,
     )
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    after = evaluate_greedy(trainer.model, toy_tokenizer, test["prompt"], test["answer"], base_model=base)
-    print(
-        f"XPO: greedy accuracy {before.accuracy:.3f} -> {after.accuracy:.3f}, mean log pi_base(greedy) "
-        f"{before.mean_base_logprob:.3f} -> {after.mean_base_logprob:.3f} in {seconds:.0f} s of training"
-    )
-    assert before.accuracy < 0.15
-    assert after.accuracy >= 0.7
-    assert after.mean_base_logprob > before.mean_base_logprob + 1.0
-    assert seconds <= 300
+    train_and_check_sharpening(trainer, toy_tokenizer, "XPO")
 
 
 # ------------------------------------------------------------------------------------------------------ recipe
