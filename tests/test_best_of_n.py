@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset, load_from_disk
 
 from trl_sharpen import best_of_n
-from trl_sharpen.best_of_n import adaptive_stopping_index, select_best
+from trl_sharpen.best_of_n_sampling import adaptive_stopping_index, select_best
 from trl_sharpen.toy import check_answer, load_toy_prompts
 
 

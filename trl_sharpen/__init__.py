@@ -7,7 +7,7 @@ arXiv 2412.01951): the base model's own sequence log-probability is the reward.
 __version__ = "0.1.0"
 
 from .answers import answers_match, extract_answer
-from .best_of_n import best_of_n
+from .best_of_n_sampling import best_of_n
 from .data import load_prompts
 from .evaluation import evaluate_greedy, evaluate_sharpening
 from .generation import generate_completions

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from .best_of_n import TRUNCATION_POLICIES, validate_best_of_n_args
+from .best_of_n_sampling import TRUNCATION_POLICIES, validate_best_of_n_args
 from .self_rewards import get_self_reward
 
 
@@ -21,7 +21,7 @@ class BoNSFTConfig(SFTConfig):
     for each training prompt x draw y_1..y_N ~ pi_base(.|x), keep y^BoN = argmax_j r(y_j|x) with
     r = log pi_base(y|x) by default, then maximize sum_x log pi(y^BoN|x). Defaults follow the paper's App. A
     (N = 50 samples at temperature 1.0, no top-p / top-k, at most 512 new tokens). With `adaptive_sampling` the number
-    of samples per prompt is chosen by the stopping rule of App. D (see `best_of_n.adaptive_stopping_index`).
+    of samples per prompt is chosen by the stopping rule of App. D (see `best_of_n_sampling.adaptive_stopping_index`).
 
     `completion_only_loss` defaults to True here: the loss covers the selected completion's tokens only.
     """

@@ -6,7 +6,7 @@ weights, so that greedy decoding afterwards does what BoN@N did.
 
 How it sits on TRL: `SFTTrainer.__init__` loads the model, wraps PEFT and prepares the datasets. The Best-of-N data
 needs the model in place (on its device, under its distributed wrapper), so our `_prepare_dataset` leaves the
-prompt-only train dataset alone; once `SFTTrainer.__init__` is done, `trl_sharpen.best_of_n` samples and selects
+prompt-only train dataset alone; once `SFTTrainer.__init__` is done, `trl_sharpen.best_of_n_sampling` samples and selects
 (saving resumable shards under `<output_dir>/bon_data`), and the selected sequences become TRL's pre-tokenized format
 (`input_ids` = prompt ids + the exact sampled completion ids, `completion_mask` on the completion), which
 `SFTTrainer._prepare_dataset` turns into labels. Training is then TRL's own.
@@ -33,7 +33,7 @@ from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from .answers import get_answer_extractor
-from .best_of_n import BON_FEATURES, RUN_FILE, best_of_n
+from .best_of_n_sampling import BON_FEATURES, RUN_FILE, best_of_n
 from .bon_sft_config import BoNSFTConfig
 from .data import is_saved_dataset, validate_prompt_dataset
 from .fingerprints import model_fingerprint, tokenizer_fingerprint

@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from .best_of_n import TRUNCATION_POLICIES
+from .best_of_n_sampling import TRUNCATION_POLICIES
 
 
 @dataclass(kw_only=True)
@@ -101,7 +101,7 @@ def run_best_of_n(args: BestOfNArguments):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .answers import answers_match, get_answer_extractor
-    from .best_of_n import best_of_n
+    from .best_of_n_sampling import best_of_n
     from .distributed import distributed_state
     from .evaluation import evaluate_greedy
 
