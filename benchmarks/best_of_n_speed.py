@@ -24,29 +24,13 @@ import threading
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_sharpen import best_of_n, sequence_logprobs
 from trl_sharpen.generation import build_generation_config, generate_completions, left_pad
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
-
-def make_llama(path: str, vocab_size: int, hidden_size: int, num_layers: int) -> str:
-    """A randomly initialised Llama saved to `path`, so every variant loads it the same way."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+from random_llama import save_random_llama  # benchmarks/ is on sys.path when a script here runs
 
 
 def timed(fn, repeats: int) -> float:
@@ -194,7 +178,13 @@ def main():
             )
         }
         # A 32k-vocabulary model: the per-step log-softmax the scoring needs is as wide as a real LLM's
-        big_path = make_llama(os.path.join(tmp, "llama32k"), vocab_size=32000, hidden_size=256, num_layers=4)
+        big_path = save_random_llama(
+            os.path.join(tmp, "llama32k"),
+            vocab_size=32000,
+            hidden_size=256,
+            num_layers=4,
+            max_position_embeddings=1024,
+        )
         big = AutoModelForCausalLM.from_pretrained(big_path).eval()
         rows["random Llama (vocab 32k, 4x256), 16 prompts x N=8, 32 new tokens"] = speed_rows(
             big, toy_tok, prompts[:16], num_samples=8, max_new_tokens=32, batch_size=128, repeats=args.repeats

@@ -34,48 +34,14 @@ import time
 import warnings
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    TrainerCallback,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from trl.kernels import ChunkedLogProbFunction
 
 from trl_sharpen import SelfRewardDPOConfig, SelfRewardDPOTrainer
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
-
-def make_llama(path: str, vocab_size: int, hidden_size: int, num_layers: int) -> str:
-    """A random Llama and a word-level tokenizer of its vocabulary (the toy task's words first), saved to `path`."""
-    toy_vocab = AutoTokenizer.from_pretrained(TOY_MODEL_PATH).get_vocab()
-    vocab = dict(toy_vocab)
-    for i in range(vocab_size - len(vocab)):
-        vocab[f"w{i}"] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        pad_token_id=vocab["<pad>"],
-        eos_token_id=vocab["<eos>"],
-        bos_token_id=None,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+from random_llama import save_random_llama  # benchmarks/ is on sys.path when a script here runs
 
 
 class NaiveBaseLogProb:
@@ -240,7 +206,9 @@ def main():
 
     rows = []
     with tempfile.TemporaryDirectory() as model_dir:
-        path = make_llama(model_dir, args.vocab_size, args.hidden_size, args.layers)
+        path = save_random_llama(
+            model_dir, args.vocab_size, args.hidden_size, args.layers, max_position_embeddings=512
+        )
         label = f"random Llama {args.layers}x{args.hidden_size}, {args.vocab_size // 1000}k vocab"
         for checkpointing in (True, False):
             rows.append(benchmark(label, path, args, args.completion_length, checkpointing))

@@ -15,6 +15,7 @@ run. The DeepSpeed files are run as shipped (only the process count and precisio
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -128,6 +129,39 @@ def rank_lines(stdout: str) -> list[tuple[int, int, str, int, str]]:
 
 def failure_output(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+
+
+def load_recipe(script: Path):
+    """A recipe script as a module (its `main`, `make_parser`), without running it."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def recipe_yamls(name: str) -> list[Path]:
+    return sorted((REPO / "recipes" / name).glob("*.yaml"))
+
+
+def parse_recipe_yaml(yaml_path: Path) -> tuple:
+    """(script args, training args, model args) of a recipe YAML, parsed by its own script's parser (unknown keys are
+    errors). `--use_cpu` lets a GPU YAML's bf16 validate on a machine without GPUs; everything else is the YAML's."""
+    recipe = load_recipe(yaml_path.parent.with_suffix(".py"))
+    return recipe.make_parser().parse_args_and_config(["--config", str(yaml_path), "--use_cpu", "true"])
+
+
+ACCURACY_LINE = re.compile(r"^\[(before|after)\] greedy accuracy on 200 test prompts: ([\d.]+)", re.M)
+
+
+def launch_toy_recipe(name: str, output_dir, *extra) -> dict[str, float]:
+    """`accelerate launch recipes/<name>.py --config recipes/<name>/toy_cpu.yaml`, the README's command (one process);
+    returns the greedy accuracies it printed before and after training."""
+    args = ["--config", f"recipes/{name}/toy_cpu.yaml", "--output_dir", str(output_dir), *extra]
+    result = launch([], [f"recipes/{name}.py"], args)
+    assert result.returncode == 0, failure_output(result)
+    accuracy = {when: float(value) for when, value in ACCURACY_LINE.findall(result.stdout)}
+    assert set(accuracy) == {"before", "after"}, failure_output(result)
+    return accuracy
 
 
 _CACHE: dict = {}

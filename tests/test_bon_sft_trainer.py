@@ -1,11 +1,5 @@
 """BoNSFTTrainer on the bundled toy base: quality, PEFT, resume, adaptive sampling, the current policy, bad input."""
 
-import importlib.util
-import os
-import re
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
@@ -19,6 +13,7 @@ from trl_sharpen.bon_sft_trainer import _as_bon_config
 from trl_sharpen.evaluation import evaluate_greedy
 from trl_sharpen.toy import TOY_MODEL_PATH, check_answer, load_toy_prompts
 
+from .launching import launch_toy_recipe, parse_recipe_yaml, recipe_yamls
 from .trainer_args import cpu_test_args
 
 
@@ -293,41 +288,18 @@ def test_sft_config_is_accepted():
     assert converted.num_samples == 50 and converted.temperature == 1.0
 
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "sft_sharpen.py"
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("sft_sharpen_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize("yaml_name", ["toy_cpu.yaml", "qwen2.5_1.5b_instruct_gsm8k.yaml"])
-def test_recipe_yaml_parses(yaml_name):
-    # The GPU recipe's bf16 cannot be validated on a CPU-only machine
-    cpu = [] if yaml_name.startswith("toy") else ["--bf16", "false"]
-    script_args, training_args, model_args = (
-        load_recipe()
-        .make_parser()
-        .parse_args_and_config(["--config", str(RECIPE.parent / "sft_sharpen" / yaml_name), *cpu])
-    )
+@pytest.mark.parametrize("yaml_path", recipe_yamls("sft_sharpen"), ids=lambda p: p.name)
+def test_recipe_yaml_parses(yaml_path):
+    script_args, training_args, model_args = parse_recipe_yaml(yaml_path)
     assert isinstance(training_args, BoNSFTConfig)
-    if yaml_name.startswith("qwen"):
+    if yaml_path.name.startswith("qwen"):
         assert (training_args.num_samples, training_args.learning_rate, training_args.max_grad_norm) == (50, 3e-4, 0.1)
         assert model_args.use_peft and model_args.lora_r == 16 and script_args.prompt_column == "question"
 
 
 @pytest.mark.slow
 def test_toy_recipe_runs_with_accelerate_launch(tmp_path):
-    command = ["accelerate", "launch", str(RECIPE), "--config", str(RECIPE.parent / "sft_sharpen" / "toy_cpu.yaml")]
-    overrides = ["--output_dir", str(tmp_path), "--num_train_prompts", "300"]
-    env = dict(os.environ)
-    result = subprocess.run(
-        command + overrides, capture_output=True, text=True, cwd=RECIPE.parents[1], env=env, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    accuracy = dict(re.findall(r"\[(before|after)\] greedy accuracy on 200 test prompts: ([\d.]+)", result.stdout))
-    assert float(accuracy["before"]) < 0.2 and float(accuracy["after"]) >= 0.8
+    accuracy = launch_toy_recipe("sft_sharpen", tmp_path, "--num_train_prompts", "300")
+    assert accuracy["before"] < 0.2 and accuracy["after"] >= 0.8
     assert (tmp_path / "bon_data" / "bon_run.json").exists() and (tmp_path / "model.safetensors").exists()
     assert "sft-sharpening" in (tmp_path / "README.md").read_text()

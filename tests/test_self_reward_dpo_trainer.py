@@ -1,11 +1,6 @@
 """SelfRewardDPOTrainer on the bundled toy base: training mechanics, the shared pi_base pass, bad input, quality."""
 
-import importlib.util
 import math
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from trl_sharpen import SelfRewardDPOConfig, SelfRewardDPOTrainer
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
+from .launching import launch_toy_recipe, parse_recipe_yaml, recipe_yamls
 from .sharpening_check import train_and_check_sharpening
 from .trainer_args import cpu_test_args
 
@@ -294,34 +290,14 @@ def test_sharpening_lifts_toy_greedy_accuracy(tmp_path, toy_model, toy_tokenizer
 
 
 # ------------------------------------------------------------------------------------------------------ recipe
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "dpo_sharpen.py"
-
-
-@pytest.mark.parametrize("yaml_path", sorted((REPO / "recipes" / "dpo_sharpen").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("yaml_path", recipe_yamls("dpo_sharpen"), ids=lambda p: p.name)
 def test_dpo_sharpen_recipe_yamls_parse(yaml_path):
-    spec = importlib.util.spec_from_file_location("dpo_sharpen_recipe", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    # `--use_cpu` lets a GPU YAML's bf16 setting validate on this CPU-only machine
-    script_args, training_args, model_args = recipe.make_parser().parse_args_and_config(
-        args=["--config", str(yaml_path), "--use_cpu", "true"]
-    )
+    script_args, training_args, model_args = parse_recipe_yaml(yaml_path)
     assert isinstance(training_args, SelfRewardDPOConfig)
 
 
 @pytest.mark.slow
 def test_dpo_sharpen_toy_recipe_runs_end_to_end(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(RECIPE), "--config", "recipes/dpo_sharpen/toy_cpu.yaml", "--output_dir", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    before = re.search(r"\[before\] greedy accuracy on 200 test prompts: ([\d.]+)", result.stdout)
-    after = re.search(r"\[after\] greedy accuracy on 200 test prompts: ([\d.]+)", result.stdout)
-    assert before and after, result.stdout[-3000:]
-    assert float(before.group(1)) < 0.15 and float(after.group(1)) >= 0.7
+    accuracy = launch_toy_recipe("dpo_sharpen", tmp_path)
+    assert accuracy["before"] < 0.15 and accuracy["after"] >= 0.7
     assert (tmp_path / "model.safetensors").exists() and "rlhf-sharpening" in (tmp_path / "README.md").read_text()

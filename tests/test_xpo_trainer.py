@@ -1,11 +1,7 @@
 """XPOTrainer (the paper's Algorithm 1) on the toy bases: loss, bonus, replay buffer, bad input, quality, recipe."""
 
-import importlib.util
 import logging
 import math
-import os
-import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ from trl_sharpen.generation import build_generation_config, generate_completions
 from trl_sharpen.logprobs import sequence_logprobs
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
+from .launching import launch_toy_recipe, parse_recipe_yaml, recipe_yamls
 from .sharpening_check import train_and_check_sharpening
 from .test_self_reward_dpo_trainer import count_scoring_forwards  # pi_base scoring passes (no KV cache)
 from .trainer_args import cpu_test_args
@@ -351,36 +348,15 @@ def test_xpo_lifts_toy_greedy_accuracy(tmp_path, toy_model, toy_tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------------ recipe
-RECIPE = REPO / "recipes" / "xpo_sharpen.py"
-
-
-@pytest.mark.parametrize("yaml_path", sorted((REPO / "recipes" / "xpo_sharpen").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("yaml_path", recipe_yamls("xpo_sharpen"), ids=lambda p: p.name)
 def test_xpo_sharpen_recipe_yamls_parse(yaml_path):
-    spec = importlib.util.spec_from_file_location("xpo_sharpen_recipe", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    # `--use_cpu` lets a GPU YAML's bf16 setting validate on this CPU-only machine
-    script_args, training_args, model_args = recipe.make_parser().parse_args_and_config(
-        args=["--config", str(yaml_path), "--use_cpu", "true"]
-    )
+    script_args, training_args, model_args = parse_recipe_yaml(yaml_path)
     assert isinstance(training_args, XPOConfig)
     assert all(isinstance(value, float) for value in training_args.alpha)
 
 
 @pytest.mark.slow
 def test_xpo_sharpen_toy_recipe_runs_with_accelerate_launch(tmp_path):
-    command = ["accelerate", "launch", str(RECIPE), "--config", str(RECIPE.parent / "xpo_sharpen" / "toy_cpu.yaml")]
-    result = subprocess.run(
-        command + ["--output_dir", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    before = re.search(r"\[before\] greedy accuracy on 200 test prompts: ([\d.]+)", result.stdout)
-    after = re.search(r"\[after\] greedy accuracy on 200 test prompts: ([\d.]+)", result.stdout)
-    assert before and after, result.stdout[-3000:]
-    assert float(before.group(1)) < 0.15 and float(after.group(1)) >= 0.7
+    accuracy = launch_toy_recipe("xpo_sharpen", tmp_path)
+    assert accuracy["before"] < 0.15 and accuracy["after"] >= 0.7
     assert (tmp_path / "model.safetensors").exists() and "xpo" in (tmp_path / "README.md").read_text()

@@ -77,6 +77,7 @@ class SelfRewardDPOTrainer(DPOTrainer):
     _tag_names = ["trl", "trl-sharpen", "rlhf-sharpening"]
     _name = "Self-Reward DPO (RLHF-Sharpening)"
     _paper = SHARPENING_PAPER
+    _config_class = SelfRewardDPOConfig  # subclasses name their own: `args` must be one (default: `<model>-<name>`)
 
     def __init__(
         self,
@@ -93,11 +94,12 @@ class SelfRewardDPOTrainer(DPOTrainer):
         quantization_config=None,
         peft_config=None,
     ):
+        config_name = self._config_class.__name__
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = SelfRewardDPOConfig(f"{name.split('/')[-1]}-SelfRewardDPO")
-        elif not isinstance(args, SelfRewardDPOConfig):
-            raise TypeError(f"args must be a SelfRewardDPOConfig, got {type(args).__name__}.")
+            args = self._config_class(f"{name.split('/')[-1]}-{config_name.removesuffix('Config')}")
+        elif not isinstance(args, self._config_class):
+            raise TypeError(f"args must be a {config_name}, got {type(args).__name__}.")
         if args.reanchor_steps and (peft_config is not None or is_peft_model(model)):
             raise ValueError(
                 f"reanchor_steps={args.reanchor_steps} needs a separate pi_base to overwrite, but with PEFT pi_base "

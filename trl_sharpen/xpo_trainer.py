@@ -30,7 +30,6 @@ import textwrap
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from trl.trainer.utils import get_config_model_id
 
 from .generation import Completions
 from .paper import SHARPENING_PAPER
@@ -94,6 +93,7 @@ class XPOTrainer(SelfRewardDPOTrainer):
     _name = "XPO (sharpening with exploration)"
     # The model card has one paper slot: the sharpening paper, with XPO's citation next to it
     _paper = {**SHARPENING_PAPER, "citation": SHARPENING_PAPER["citation"] + "\n\n" + XPO_CITATION}
+    _config_class = XPOConfig
 
     def __init__(
         self,
@@ -110,11 +110,6 @@ class XPOTrainer(SelfRewardDPOTrainer):
         quantization_config=None,
         peft_config=None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = XPOConfig(f"{name.split('/')[-1]}-XPO")
-        elif not isinstance(args, XPOConfig):
-            raise TypeError(f"args must be an XPOConfig, got {type(args).__name__}.")
         super().__init__(
             model,
             ref_model=ref_model,
@@ -130,7 +125,7 @@ class XPOTrainer(SelfRewardDPOTrainer):
             peft_config=peft_config,
         )
         # Triples of earlier steps (this process's), each a tuple of `_TRIPLE_FIELDS`
-        self.replay_buffer: collections.deque[tuple] = collections.deque(maxlen=args.replay_buffer_size)
+        self.replay_buffer: collections.deque[tuple] = collections.deque(maxlen=self.args.replay_buffer_size)
         self.add_callback(_SaveReplayBuffer(self))
         self._alpha_ran_out_warned = False
 
