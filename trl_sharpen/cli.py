@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .best_of_n_sampling import TRUNCATION_POLICIES
+from .real_models import ConvertArguments, resolve_model_name_or_path, run_convert
 
 
 @dataclass(kw_only=True)
@@ -59,7 +60,9 @@ class PromptDataArguments:
 class BestOfNArguments(PromptDataArguments):
     """Arguments of `trl-sharpen bon`: inference-time Best-of-N sharpening (Huang et al. 2025, App. C)."""
 
-    model_name_or_path: str = field(metadata={"help": "Model to sample from and score with (path or Hub id)."})
+    model_name_or_path: str = field(
+        metadata={"help": "Model to sample from and score with (path, Hub id, .gguf file or model package)."}
+    )
     output_dir: str = field(metadata={"help": "Where shards and the final `datasets` dataset are written."})
     num_samples: int = field(default=16, metadata={"help": "N: completions sampled per prompt."})
     self_reward: str = field(
@@ -73,10 +76,14 @@ class BestOfNArguments(PromptDataArguments):
     generation_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call."})
     truncated_completions: str = field(
         default="keep",
-        metadata={"help": "Completions without EOS: keep, penalize or drop.", "choices": list(TRUNCATION_POLICIES)},
+        metadata={
+            "help": "Completions without EOS are never selected while a complete one exists; when all are: keep or "
+            "penalize select the best prefix, drop selects none.",
+            "choices": list(TRUNCATION_POLICIES),
+        },
     )
     truncation_penalty: float = field(
-        default=100.0, metadata={"help": "Subtracted from truncated rewards (penalize)."}
+        default=100.0, metadata={"help": "Subtracted from the stored rewards of truncated completions (penalize)."}
     )
     adaptive_delta: float | None = field(
         default=None, metadata={"help": "Enable adaptive sampling (App. D) with this delta in (0, 1)."}
@@ -107,6 +114,7 @@ def run_best_of_n(args: BestOfNArguments):
 
     prompts = args.load_prompts()
     state = distributed_state()  # under `accelerate launch`: the shards are split across the processes
+    args.model_name_or_path = resolve_model_name_or_path(args.model_name_or_path)  # GGUF / package: converted folder
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
@@ -210,6 +218,9 @@ def run_eval(args: EvalArguments):
     validate_sample_count(args.num_samples, self_rewards)  # before loading anything
     prompts = args.load_prompts()
     answers = reference_answers(prompts, args.answer_column)  # fail before loading a model
+    # A GGUF file or model package: its converted float folder (converted once, cached)
+    args.model_name_or_path = resolve_model_name_or_path(args.model_name_or_path)
+    args.base_model_name_or_path = resolve_model_name_or_path(args.base_model_name_or_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     load = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
@@ -269,6 +280,7 @@ def run_eval(args: EvalArguments):
 COMMANDS = {
     "bon": (BestOfNArguments, run_best_of_n),
     "eval": (EvalArguments, run_eval),
+    "convert": (ConvertArguments, run_convert),
 }
 
 
@@ -288,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     from trl import TrlParser
 
     arguments_class, run = COMMANDS[argv[0]]
+    positional = getattr(arguments_class, "positional_argument", None)  # e.g. `trl-sharpen convert FILE`
+    if positional and len(argv) > 1 and not argv[1].startswith("-"):
+        argv = [argv[0], f"--{positional}", *argv[1:]]
     parser = TrlParser(arguments_class, prog=f"trl-sharpen {argv[0]}")
     (args,) = parser.parse_args_and_config(argv[1:])
     run(args)

@@ -17,6 +17,7 @@ from trl.models.utils import unwrap_model_for_generation
 from .data import as_prompt_dataset, ensure_pad_token, is_saved_dataset
 from .distributed import print_rank_summary
 from .evaluation import evaluate_greedy
+from .real_models import resolve_model_name_or_path
 from .toy import TOY_DATA_DIR, TOY_MODEL_PATH
 
 
@@ -116,7 +117,10 @@ def setup_run(training_args) -> None:
 def load_model_name_and_tokenizer(model_args, training_args):
     """The model to train (default: the bundled toy base) with `ModelConfig`'s loading options moved into the
     trainer's `model_init_kwargs`, and its tokenizer (EOS as pad token when it has none)."""
-    model_name = model_args.model_name_or_path or TOY_MODEL_PATH
+    # A GGUF file or model package becomes its converted float folder (once, cached; other ranks wait for it). The
+    # rewritten `model_name_or_path` is what the trainer, a reference model and the tokenizer then load.
+    model_args.model_name_or_path = resolve_model_name_or_path(model_args.model_name_or_path or TOY_MODEL_PATH)
+    model_name = model_args.model_name_or_path
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
