@@ -39,6 +39,7 @@ from .data import is_saved_dataset, validate_prompt_dataset
 from .fingerprints import model_fingerprint, tokenizer_fingerprint
 from .logprobs import sequence_logprobs
 from .paper import SHARPENING_PAPER
+from .real_models import resolve_model_name_or_path
 from .report_tables import log_table
 from .self_rewards import base_scoring_context
 
@@ -177,6 +178,7 @@ class BoNSFTTrainer(SFTTrainer):
         peft_config=None,
         formatting_func=None,
     ):
+        model = resolve_model_name_or_path(model)  # a GGUF file or model package: its converted folder
         args = _as_bon_config(args, model)
         if isinstance(train_dataset, (str, os.PathLike)):
             if not is_saved_dataset(train_dataset):

@@ -35,6 +35,7 @@ from .data import is_conversational_prompt, tokenize_prompt, validate_prompt_dat
 from .generation import Completions, generate_completions, sampling_config
 from .logprobs import sequence_logprobs
 from .paper import SHARPENING_PAPER
+from .real_models import resolve_model_name_or_path
 from .report_tables import log_table
 from .self_reward_dpo_config import SHARPEN_LOSS, SelfRewardDPOConfig
 from .self_rewards import get_self_reward
@@ -94,6 +95,8 @@ class SelfRewardDPOTrainer(DPOTrainer):
         quantization_config=None,
         peft_config=None,
     ):
+        # A GGUF file or model package: its converted folder (converted once, cached)
+        model, ref_model = resolve_model_name_or_path(model), resolve_model_name_or_path(ref_model)
         config_name = self._config_class.__name__
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
