@@ -238,11 +238,11 @@ def test_pregenerated_bon_dataset_skips_generation(tmp_path, toy_model, toy_toke
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"num_samples": 0}, "num_samples must be at least 1"),
+        ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
         ({"adaptive_sampling": True, "adaptive_delta": 0.0}, r"adaptive_delta must be in \(0, 1\), got 0.0"),
         ({"adaptive_sampling": True, "adaptive_delta": 1.5}, r"adaptive_delta must be in \(0, 1\), got 1.5"),
         ({"self_reward": "confidence"}, "Unknown self-reward 'confidence'"),
-        ({"truncated_completions": "skip"}, "Unknown truncated-completion policy 'skip'"),
+        ({"truncated_completions": "skip"}, "truncated_completions must be one of .*got .skip."),
         ({"sampling_policy": "policy"}, "Unknown sampling_policy 'policy'"),
         ({"temperature": 0.0}, "temperature must be > 0"),
         ({"sampling_policy": "current", "packing": True}, "packing=True is not supported"),

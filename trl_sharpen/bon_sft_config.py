@@ -6,22 +6,26 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from .best_of_n_sampling import TRUNCATION_POLICIES, validate_best_of_n_args
+from .monitoring import MonitoringArguments
+from .sampling_arguments import BestOfNSamplingArguments, check_int, field_like, warn_deprecated
 from .self_rewards import get_self_reward
 
 
 SAMPLING_POLICIES = ("base", "current")
+PAPER_ADAPTIVE_DELTA = 0.1  # what `adaptive_sampling: true` meant before `adaptive_delta` alone switched it on
 
 
 @dataclass
-class BoNSFTConfig(SFTConfig):
-    r"""Configuration of [`BoNSFTTrainer`]: every `trl.SFTConfig` field, plus how the Best-of-N data is drawn.
+class BoNSFTConfig(MonitoringArguments, SFTConfig, BestOfNSamplingArguments):
+    r"""Configuration of [`BoNSFTTrainer`]: every `trl.SFTConfig` field, plus how the Best-of-N data is drawn (the
+    fields of `trl_sharpen.sampling_arguments.BestOfNSamplingArguments`, shared with `best_of_n` and the CLI).
 
     SFT-Sharpening (Huang et al. 2025, "Self-Improvement in Language Models: The Sharpening Mechanism", Sec. 2.1):
     for each training prompt x draw y_1..y_N ~ pi_base(.|x), keep y^BoN = argmax_j r(y_j|x) with
     r = log pi_base(y|x) by default, then maximize sum_x log pi(y^BoN|x). Defaults follow the paper's App. A
-    (N = 50 samples at temperature 1.0, no top-p / top-k, at most 512 new tokens). With `adaptive_sampling` the number
-    of samples per prompt is chosen by the stopping rule of App. D (see `best_of_n_sampling.adaptive_stopping_index`).
+    (N = 50 samples at temperature 1.0, no top-p / top-k, at most 512 new tokens). With `adaptive_delta` set, the
+    number of samples per prompt is chosen by the stopping rule of App. D (see
+    `best_of_n_sampling.adaptive_stopping_index`). The sampling seed is TrainingArguments' `seed`.
 
     `completion_only_loss` defaults to True here: the loss covers the selected completion's tokens only.
     """
@@ -34,65 +38,13 @@ class BoNSFTConfig(SFTConfig):
         },
     )
 
-    # Best-of-N sampling
-    num_samples: int = field(
-        default=50,
-        metadata={
-            "help": "N: completions sampled per prompt (the maximum under adaptive sampling). Paper App. A: 50."
-        },
-    )
-    self_reward: str = field(
-        default="logprob",
-        metadata={
-            "help": "Self-reward ranking the N samples: logprob (log pi_base(y|x), the paper's Eq. 2), "
-            "normalized_logprob, majority, or 'package.module:function'. From Python, also a module-level function "
-            "(checkpoints pickle the config)."
-        },
-    )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper App. A: 1.0)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold; 1.0 is off (paper: off)."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 is off (paper: off)."})
-    max_completion_length: int = field(
-        default=512,
-        metadata={
-            "help": "Maximum number of sampled tokens per completion (paper App. A: 512); a completion that reaches "
-            "it without EOS is truncated."
-        },
-    )
-    generation_batch_size: int = field(
-        default=64, metadata={"help": "Sequences per `generate` call (and per scoring micro-batch) while sampling."}
-    )
-    truncated_completions: str = field(
-        default="keep",
-        metadata={
-            "help": "Completions without EOS: keep (rank them like the others), penalize (subtract "
-            "`truncation_penalty` from their reward) or drop (never select them; prompts left without a candidate are "
-            "not trained on).",
-            "choices": list(TRUNCATION_POLICIES),
-        },
-    )
-    truncation_penalty: float = field(
-        default=100.0, metadata={"help": "Subtracted from the reward of truncated completions under `penalize`."}
-    )
-    adaptive_sampling: bool = field(
-        default=False,
-        metadata={
-            "help": "Adaptive SFT-Sharpening (paper App. D): stop sampling a prompt after k samples once "
-            "1 / max_j pi_base(y_j|x) <= k / ln(2 / adaptive_delta), at most `num_samples`. Saves samples on prompts "
-            "where the base is already confident."
-        },
-    )
-    adaptive_delta: float = field(
-        default=0.1, metadata={"help": "delta in (0, 1) of the adaptive stopping rule: mu = ln(2 / delta)."}
-    )
-    adaptive_round_size: int = field(
-        default=4, metadata={"help": "Samples drawn per still-active prompt per round of adaptive sampling."}
-    )
-    answer_extractor: str | None = field(
+    # Best-of-N sampling: the fields of BestOfNSamplingArguments, with the paper's N as default
+    num_samples: int = field_like(BestOfNSamplingArguments, "num_samples", default=50)
+    adaptive_sampling: bool | None = field(
         default=None,
         metadata={
-            "help": "Final-answer extractor ('default': last number or \\boxed{}, or 'package.module:function'). "
-            "Used by the majority self-reward, and enables the `bon/distinct_answers` metric."
+            "help": f"Deprecated: set `adaptive_delta` (e.g. {PAPER_ADAPTIVE_DELTA}) to turn adaptive sampling on. "
+            f"true = adaptive_delta {PAPER_ADAPTIVE_DELTA} unless given; false = off."
         },
     )
     sampling_policy: str = field(
@@ -107,32 +59,21 @@ class BoNSFTConfig(SFTConfig):
     regenerate_every_epochs: int = field(
         default=1, metadata={"help": "K: with sampling_policy=current, regenerate the data every K epochs."}
     )
-    bon_shard_size: int = field(
-        default=64,
-        metadata={"help": "Prompts per saved shard of Best-of-N data (the unit of resumption and of the rank split)."},
-    )
 
     def __post_init__(self):
+        if self.adaptive_sampling is not None:
+            warn_deprecated("adaptive_sampling", "adaptive_delta")
+            if not self.adaptive_sampling:
+                self.adaptive_delta = None
+            elif self.adaptive_delta is None:
+                self.adaptive_delta = PAPER_ADAPTIVE_DELTA
+            self.adaptive_sampling = None
+        # The sampling checks first: cheap, and they name the setting (SFTConfig's own follow)
+        BestOfNSamplingArguments.__post_init__(self)
         super().__post_init__()
-        # The core's checks: N >= 1, a known truncation policy, delta in (0, 1)
-        validate_best_of_n_args(self.num_samples, self.truncated_completions, self.adaptive_delta)
         # Unknown registry names fail here, before any model is loaded
         get_self_reward(self.self_reward)
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        positive = {
-            "top_k": (self.top_k, 0),
-            "max_completion_length": (self.max_completion_length, 1),
-            "generation_batch_size": (self.generation_batch_size, 1),
-            "adaptive_round_size": (self.adaptive_round_size, 1),
-            "regenerate_every_epochs": (self.regenerate_every_epochs, 1),
-            "bon_shard_size": (self.bon_shard_size, 1),
-        }
-        for name, (value, minimum) in positive.items():
-            if value < minimum:
-                raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+        check_int("regenerate_every_epochs", self.regenerate_every_epochs, 1, "Regenerate every K >= 1 epochs.")
         if self.sampling_policy not in SAMPLING_POLICIES:
             raise ValueError(f"Unknown sampling_policy {self.sampling_policy!r}; use one of {SAMPLING_POLICIES}.")
         if self.sampling_policy == "current":
