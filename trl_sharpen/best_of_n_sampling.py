@@ -19,7 +19,7 @@ with `save_to_disk` in `output_dir`) holding, per prompt, the input columns plus
 | `rewards`                 | the self-reward of each completion (with the truncation penalty, if any)           |
 | `truncated`               | whether the completion hit `max_new_tokens` without EOS                            |
 | `num_samples`             | completions drawn for this prompt (below N when adaptive sampling stopped early)   |
-| `selected_index`          | argmax of `rewards` (-1 when every completion was dropped)                         |
+| `selected_index`          | argmax of `rewards` among complete completions (see `select_best`; -1: all dropped) |
 | `selected_completion`     | that completion (text), `selected_completion_ids` its ids, `selected_reward` its reward |
 """
 
@@ -41,9 +41,9 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets, load_
 from tqdm.auto import tqdm
 
 from .data import ensure_pad_token, model_max_length, tokenize_prompts, validate_prompt_dataset
-from .fingerprints import model_fingerprint, tokenizer_fingerprint
+from .fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
 from .generation import Completions, generate_completions, sampling_config, seeded
-from .self_rewards import SelfReward, get_self_reward
+from .self_rewards import MajorityReward, SelfReward, get_self_reward
 
 
 logger = logging.getLogger(__name__)
@@ -73,17 +73,22 @@ BON_FEATURES = Features(
 BaseLogprobsFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Sequence[float]]
 
 
-def adaptive_stopping_index(logprobs: Sequence[float], mu: float) -> int | None:
+def adaptive_stopping_index(
+    logprobs: Sequence[float], mu: float, truncated: Sequence[bool] | None = None
+) -> int | None:
     """The adaptive sample size of Huang et al. (2025), App. D, for one prompt:
 
         N_mu = min { k : 1 / max_{j<=k} pi_base(y_j|x) <= k / mu },   mu = ln(2 / delta),
 
     i.e. the first k with log(k) + max_{j<=k} log pi_base(y_j|x) >= log(mu). Returns None if no k in the samples
-    so far qualifies.
+    so far qualifies. Truncated samples count in k but not in the max: the probability of a prefix is not that of a
+    response (it bounds every response extending it from above), so a likely prefix must not stop sampling.
     """
+    truncated = [False] * len(logprobs) if truncated is None else truncated
     best = -math.inf
-    for k, logprob in enumerate(logprobs, start=1):
-        best = max(best, logprob)
+    for k, (logprob, cut) in enumerate(zip(logprobs, truncated, strict=True), start=1):
+        if not cut:
+            best = max(best, logprob)
         if math.log(k) + best >= math.log(mu):
             return k
     return None
@@ -92,12 +97,21 @@ def adaptive_stopping_index(logprobs: Sequence[float], mu: float) -> int | None:
 def select_best(
     rewards: Sequence[float], truncated: Sequence[bool], truncated_policy: str, truncation_penalty: float
 ) -> tuple[int, list[float]]:
-    """Argmax over the rewards after the truncation policy (first maximum on ties; -1 if all were dropped)."""
+    """The selected sample and the rewards after the truncation policy: complete samples first, then by reward.
+
+    A truncated completion is a prefix, and log pi_base of a prefix bounds that of every completion extending it
+    from above: ranked by reward alone, cut-off text would beat complete answers. So under every policy a truncated
+    sample is selected only when every sample of the prompt is truncated; then `keep` and `penalize` select the best
+    prefix by reward (it stays flagged in `truncated`), and `drop` selects none (-1). `penalize` also subtracts
+    `truncation_penalty` from the stored rewards of truncated samples (for downstream use of `rewards`); it does not
+    change the selection. First maximum on ties.
+    """
     rewards = [
         r - truncation_penalty if (cut and truncated_policy == "penalize") else r
         for r, cut in zip(rewards, truncated, strict=True)
     ]
-    eligible = [i for i, cut in enumerate(truncated) if not (cut and truncated_policy == "drop")]
+    complete = [i for i, cut in enumerate(truncated) if not cut]
+    eligible = complete or ([] if truncated_policy == "drop" else list(range(len(rewards))))
     if not eligible:
         return -1, rewards
     return max(eligible, key=lambda i: rewards[i]), rewards
@@ -112,6 +126,16 @@ def validate_best_of_n_args(num_samples: int, truncated_policy: str, adaptive_de
         )
     if adaptive_delta is not None and not 0.0 < adaptive_delta < 1.0:
         raise ValueError(f"adaptive_delta must be in (0, 1), got {adaptive_delta}.")
+
+
+def check_output_dir_is_not_input(output_dir: Path, prompts: Dataset) -> None:
+    """Refuse an output_dir that holds the input dataset's files: the final save would overwrite the prompts."""
+    for cache_file in prompts.cache_files:
+        if Path(cache_file["filename"]).resolve().parent == output_dir.resolve():
+            raise ValueError(
+                f"output_dir {output_dir} holds the input prompts (the saved dataset they were loaded from): the "
+                "Best-of-N results would overwrite them. Choose another output_dir."
+            )
 
 
 class _ShardWriter:
@@ -217,6 +241,12 @@ def best_of_n(
     validate_prompt_dataset(prompts, prompt_column)
     ensure_pad_token(tokenizer)
     reward = get_self_reward(self_reward, answer_extractor=answer_extractor, model=model, tokenizer=tokenizer)
+    if isinstance(reward, MajorityReward) and num_samples < MajorityReward.min_samples:
+        raise ValueError(
+            f"self_reward='majority' needs at least {MajorityReward.min_samples} samples per prompt, got "
+            f"num_samples={num_samples}: with 2 samples the votes always tie (one answer: 1 and 1; two answers: 1/2 "
+            "and 1/2), so Best-of-N would keep sample 0. Raise num_samples, or use self_reward='logprob'."
+        )
     generation_config = sampling_config(
         model, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
     )
@@ -224,11 +254,13 @@ def best_of_n(
         tokenizer, prompts[prompt_column], max_new_tokens=max_new_tokens, max_length=model_max_length(model)
     )
     output_dir = Path(output_dir) if output_dir is not None else None
+    if output_dir is not None:
+        check_output_dir_is_not_input(output_dir, prompts)
     run = {
         "model": model_fingerprint(model),
         "model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "prompts": prompts._fingerprint,
+        "prompts": dataset_fingerprint(prompts),  # content, not path + mtime: an edited file is not served stale
         "num_prompts": len(prompts),
         "num_samples": num_samples,
         "self_reward": reward.name,
@@ -405,7 +437,7 @@ def _sample(
         still_active = []
         for p in active:
             ids, lps, cut = per_prompt[p]
-            stop = adaptive_stopping_index(lps, mu)
+            stop = adaptive_stopping_index(lps, mu, cut)
             if stop is not None:
                 if progress is not None:
                     progress.update(num_samples - len(ids))  # the samples this prompt will not need

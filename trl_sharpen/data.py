@@ -30,6 +30,35 @@ def is_conversational_prompt(prompt: Any) -> bool:
     return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)
 
 
+def prompt_problem(prompt: Any) -> str | None:
+    """Why `prompt` is neither a standard nor a conversational prompt, or None when it is one.
+
+    In a `datasets` column of messages a message without `role` still has the key, with the value None: checking
+    `"role" in message` would pass it, and the chat template would then render a prompt of just the assistant header.
+    """
+    if isinstance(prompt, str):
+        return None
+    if not isinstance(prompt, list):
+        return f"the prompt {prompt!r} is a {type(prompt).__name__}, neither a string nor a list of chat messages"
+    if not prompt:
+        return "the prompt is an empty list of chat messages"
+    for index, message in enumerate(prompt):
+        if not isinstance(message, dict):
+            return f"message {index} is a {type(message).__name__}, not a dict like {{'role': ..., 'content': ...}}"
+        if not isinstance(message.get("role"), str):
+            return f"message {index} has no `role` ({message!r})"
+        if message.get("content") is None:
+            return f"message {index} has no `content` ({message!r})"
+    return None
+
+
+def _check_every_prompt(prompts, first_row: int = 0) -> None:
+    for index, prompt in enumerate(prompts, start=first_row):
+        problem = prompt_problem(prompt)
+        if problem is not None:
+            raise ValueError(f"Row {index} of the prompts is not a usable prompt: {problem}. {PROMPT_ONLY_HELP}")
+
+
 def validate_prompt_dataset(dataset: Dataset | Sequence, prompt_column: str = "prompt") -> None:
     """Raise a `ValueError` that names the problem when `dataset` is not a usable prompt-only dataset."""
     if isinstance(dataset, Dataset):
@@ -51,13 +80,14 @@ def validate_prompt_dataset(dataset: Dataset | Sequence, prompt_column: str = "p
             raise ValueError(
                 f"The dataset has no `{prompt_column}` column{hint}; its columns are {columns}. {PROMPT_ONLY_HELP}"
             )
-        first = dataset[0][prompt_column]
+        # Every row, a batch at a time (one pass over the column; a bad message in row 5000 must not slip through)
+        column, batch_size = dataset.select_columns([prompt_column]), 4096
+        for start in range(0, len(dataset), batch_size):
+            _check_every_prompt(column[start : start + batch_size][prompt_column], first_row=start)
     else:
         if len(dataset) == 0:
             raise ValueError("The prompt list is empty: there is nothing to sample completions for.")
-        first = dataset[0]
-    if not isinstance(first, str) and not is_conversational_prompt(first):
-        raise ValueError(f"Unsupported prompt {first!r} of type {type(first).__name__}. {PROMPT_ONLY_HELP}")
+        _check_every_prompt(dataset)
 
 
 def load_prompts(
@@ -74,7 +104,9 @@ def load_prompts(
         )
         if builder is None:
             raise ValueError(f"Cannot read prompts from {path}: use .jsonl, .json, .csv, .parquet or .txt.")
-        dataset = load_dataset(builder, data_files=str(path), split="train")
+        # Read the file itself: `datasets` caches it under a key of path and modification time, so an edit that
+        # keeps the mtime (a copy with `cp -p`, a sync tool) would otherwise return the old prompts
+        dataset = load_dataset(builder, data_files=str(path), split="train", download_mode="force_redownload")
         if builder == "text":
             dataset = dataset.rename_column("text", prompt_column)
     else:

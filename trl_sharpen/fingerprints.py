@@ -53,3 +53,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     digest.update(json.dumps(tokenizer.all_special_tokens).encode())
     digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
     return digest.hexdigest()[:16]
+
+
+def dataset_fingerprint(dataset) -> str:
+    """A hash of a `datasets.Dataset`'s content: its features and every row. `Dataset._fingerprint` of a dataset read
+    from a file is derived from the file's path and modification time, so an edit that keeps the mtime would go
+    unseen; this one changes with any edited value."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(dataset.features.to_dict(), sort_keys=True, default=str).encode())
+    for batch in dataset.with_format(None).iter(batch_size=4096):
+        digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]

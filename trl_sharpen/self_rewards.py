@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -36,6 +37,8 @@ from .answers import AnswerExtractor, get_answer_extractor, load_callable
 from .data import prompt_key, tokenize_prompt
 from .logprobs import sequence_logprobs
 
+
+logger = logging.getLogger(__name__)
 
 SELF_REWARDS: dict[str, type[SelfReward]] = {}
 
@@ -138,15 +141,33 @@ class NormalizedLogProbReward(SelfReward):
 class MajorityReward(SelfReward):
     """Self-consistency: the share of this prompt's samples whose extracted answer equals this sample's (App. A.2).
 
-    A sample without an extractable answer gets 0.
+    A sample without an extractable answer gets 0. When most samples have none (e.g. True/False answers under the
+    default number extractor) every sample ties at 0 and Best-of-N keeps sample 0: that is warned about, once per
+    reward, since it means the extractor does not fit the task. With 2 samples per prompt the votes always tie, so
+    `best_of_n` refuses fewer than `min_samples`.
     """
+
+    # Fewer samples always tie: 2 samples are either the same answer (1, 1) or two answers (1/2, 1/2)
+    min_samples = 3
 
     def __init__(self, answer_extractor: str | AnswerExtractor | None = None, **kwargs):
         super().__init__(**kwargs)
         self.answer_extractor = get_answer_extractor(answer_extractor)
+        self._warned_no_answer = False
 
     def score(self, prompts, completions, completion_ids, base_logprobs=None, group_ids=None, **kwargs):
         answers = [self.answer_extractor(text) for text in completions]
+        missing = sum(answer is None for answer in answers)
+        if 2 * missing > len(answers) and not self._warned_no_answer:
+            self._warned_no_answer = True
+            logger.warning(
+                "majority self-reward: %d of %d completions (%.0f%%) have no answer, and each of them scores 0, so "
+                "the selection among them is arbitrary (the first sample). Pass an answer extractor that fits the "
+                "task (`answer_extractor='package.module:function'`).",
+                missing,
+                len(answers),
+                100 * missing / len(answers),
+            )
         votes = Counter((group, answer) for group, answer in zip(group_ids, answers, strict=True))
         group_sizes = Counter(group_ids)
         return [
