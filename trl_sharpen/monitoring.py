@@ -1,0 +1,467 @@
+r"""Label-free monitoring of sharpening inside `trainer.evaluate()`, and best-iterate selection the Trainer's way.
+
+Self-improvement without external feedback rises and then collapses (benchmarks/results/coverage_experiment.md). On a
+fixed set of held-out prompts, with no labels, each evaluation estimates the paper's objective
+
+$$J_\beta(\pi) = \mathbb{E}_{y\sim\pi}[\log \pi_{base}(y|x)] - \beta\,\mathrm{KL}(\pi\,\|\,\pi_{base})$$
+
+(Huang et al. 2025, Sec. 2.2; Algorithm 1 returns argmax_t J_beta(pi_t)) from k samples of the current policy, with
+the KL estimated per sample as log pi(y|x) - log pi_base(y|x), and logs it with the other signals below under the
+`eval_` prefix, through the Trainer's own `eval_strategy` / `eval_steps` / `report_to` path:
+
+| metric | meaning |
+|---|---|
+| `eval_objective` | J_beta: mean of log pi_base(y|x) - beta (log pi(y|x) - log pi_base(y|x)) over the samples |
+| `eval_base_logprob` | E_{y~pi}[log pi_base(y|x)], the self-reward the policy collects |
+| `eval_kl` | KL(pi ‖ pi_base) estimate, mean of log pi(y|x) - log pi_base(y|x) |
+| `eval_entropy` | the policy's entropy proxy, mean -log pi(y|x) of its samples (falls as pi sharpens) |
+| `eval_greedy_base_logprob` | mean log pi_base of the policy's greedy outputs (the paper's log-likelihood lift) |
+| `eval_sharpening_error` | delta = mean 1 - pi(y*|x), y* = argmax pi_base (see `sharpening_error_against_base`) |
+| `eval_distinct_answers` | distinct final answers among the k samples of a prompt (answers that parse) |
+| `eval_mean_length`, `eval_clipped_ratio` | sample length in tokens, share of samples cut at the length limit |
+| `eval_greedy_accuracy`, `eval_bon_accuracy` | only when the rows carry reference answers: greedy and BoN@k |
+
+`eval_bon_accuracy` is Best-of-k by log pi_base among the k samples (complete samples before truncated ones, exact
+expectation over ties). `metric_for_best_model: objective` with `load_best_model_at_end: true` then keeps Algorithm 1's
+argmax_t J_beta(pi_t) among the saved checkpoints, and `transformers.EarlyStoppingCallback` stops a run whose J_beta
+has not improved for K evaluations. `CollapseAlarmCallback`, added to every trainer, warns when distinct answers,
+length or J_beta fall sharply below their best so far.
+
+Cost per evaluation, for P = `eval_num_prompts` prompts and k = `eval_num_samples` (logged each time): P * (k + 1)
+policy generations (k samples at temperature 1, one greedy), P * (k + 1) no-grad pi_base forwards (samples and greedy
+outputs) and P no-grad policy forwards (pi_base's greedy output, for delta), plus P pi_base greedy generations once per
+run (cached: pi_base does not change). Generation runs `per_device_eval_batch_size` prompts (times k) per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from transformers import TrainerCallback
+
+from .answers import get_answer_extractor
+from .data import tokenize_prompt
+from .evaluation import check_answers, get_answer_checker
+from .generation import generate_completions, sampling_config, seeded
+from .logprobs import sequence_logprobs
+from .metrics import best_of_n_selection_probabilities
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OBJECTIVE_BETA = 0.1  # for configs without a `beta` (SFT): TRL's DPO default, so all trainers agree
+
+# Direction of each monitoring metric, for `greater_is_better` (transformers guesses from the name: only "...loss"
+# is lower-is-better, which would be wrong for the sharpening error)
+HIGHER_IS_BETTER = {
+    "objective": True,
+    "base_logprob": True,
+    "greedy_base_logprob": True,
+    "greedy_accuracy": True,
+    "bon_accuracy": True,
+    "distinct_answers": True,
+    "mean_length": True,
+    "sharpening_error": False,
+    "clipped_ratio": False,
+}
+
+# Columns that mark a dataset the parent trainer evaluates itself (preference pairs, SFT sequences, Best-of-N data)
+_NOT_PROMPT_ONLY = {"chosen", "rejected", "completion", "input_ids", "messages", "text", "selected_completion_ids"}
+
+
+@dataclass
+class MonitoringArguments:
+    """Fields of the label-free sharpening evaluation (`trl_sharpen.monitoring`), shared by every trainer config.
+
+    They apply when the trainer is given a prompt-only `eval_dataset`; evaluation runs on the Trainer's schedule
+    (`eval_strategy`, `eval_steps`). Its cost grows with `eval_num_prompts * (eval_num_samples + 1)` generations.
+    """
+
+    eval_num_prompts: int | None = field(
+        default=64,
+        metadata={
+            "help": "Held-out prompts per sharpening evaluation: the first this many rows of `eval_dataset` (the same "
+            "every time). null: all rows. Cost per evaluation: eval_num_prompts * (eval_num_samples + 1) policy "
+            "generations and as many no-grad pi_base forwards."
+        },
+    )
+    eval_num_samples: int = field(
+        default=8,
+        metadata={
+            "help": "k: completions sampled from the policy per prompt (temperature 1, no top-p/top-k: samples of pi "
+            "itself) to estimate J_beta, KL, entropy, distinct answers and BoN@k accuracy."
+        },
+    )
+    eval_beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "beta of the objective J_beta = E_pi[log pi_base] - beta KL(pi || pi_base) logged as "
+            "`eval_objective`. null: the config's `beta` (DPO, XPO), or 0.1 for configs without one (SFT)."
+        },
+    )
+    eval_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Length limit of evaluation completions. null: `max_completion_length`."},
+    )
+    eval_answer_column: str | None = field(
+        default="answer",
+        metadata={
+            "help": "Column of reference answers in `eval_dataset`; when the rows have it, greedy and BoN@k accuracy "
+            "are also logged (labels score, they never select). null: never compute accuracy."
+        },
+    )
+    eval_checker: str | None = field(
+        default=None,
+        metadata={
+            "help": "'package.module:function' checker(completion, reference) -> bool for the accuracy metrics. "
+            "null: the extracted final answer (`answer_extractor`) equals the reference."
+        },
+    )
+    collapse_alarm: bool = field(
+        default=True,
+        metadata={
+            "help": "Log a warning when an evaluation shows a sharp fall of distinct answers, completion length or "
+            "J_beta below their best so far (thresholds `collapse_*_drop`)."
+        },
+    )
+    collapse_distinct_drop: float = field(
+        default=0.5,
+        metadata={"help": "Alarm when eval_distinct_answers < (1 - this) * its best so far (0.5: halved)."},
+    )
+    collapse_length_drop: float = field(
+        default=0.5,
+        metadata={"help": "Alarm when eval_mean_length < (1 - this) * its best (longest) so far (0.5: halved)."},
+    )
+    collapse_objective_drop: float = field(
+        default=0.5,
+        metadata={
+            "help": "Alarm when eval_objective < best - this * |best| (J_beta is a negative log-likelihood scale: "
+            "0.5 means it lost half its magnitude again, e.g. -20 -> below -30 nats)."
+        },
+    )
+
+    def __post_init__(self):
+        for name in ("eval_num_samples", "eval_num_prompts", "eval_max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if self.eval_beta is not None and self.eval_beta < 0:
+            raise ValueError(f"eval_beta={self.eval_beta} must be >= 0 (0: J is E_pi[log pi_base] alone).")
+        for name in ("collapse_distinct_drop", "collapse_length_drop", "collapse_objective_drop"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in (0, 1].")
+        # Our evaluation has no eval_loss: selecting the best iterate defaults to J_beta (Algorithm 1), not to "loss"
+        if getattr(self, "load_best_model_at_end", False) and getattr(self, "metric_for_best_model", "") is None:
+            self.metric_for_best_model = "objective"
+        name = (getattr(self, "metric_for_best_model", None) or "").removeprefix("eval_")
+        if name in HIGHER_IS_BETTER:
+            direction = HIGHER_IS_BETTER[name]
+            if getattr(self, "greater_is_better", None) is None:
+                self.greater_is_better = direction
+            elif self.greater_is_better != direction:
+                raise ValueError(
+                    f"greater_is_better={self.greater_is_better} with metric_for_best_model={name!r}: that metric is "
+                    f"{'higher' if direction else 'lower'}-is-better. Leave greater_is_better unset."
+                )
+        super().__post_init__()
+
+    @property
+    def objective_beta(self) -> float:
+        if self.eval_beta is not None:
+            return self.eval_beta
+        beta = getattr(self, "beta", None)
+        return DEFAULT_OBJECTIVE_BETA if beta is None else float(beta)
+
+
+# ------------------------------------------------------------------------------------------------- the estimates
+@dataclass
+class PromptRecord:
+    """What one evaluation measured on one prompt (k policy samples, its greedy output, pi_base's greedy output)."""
+
+    sample_logprobs: list[float]  # log pi(y_i|x)
+    sample_base_logprobs: list[float]  # log pi_base(y_i|x)
+    sample_answers: list[str | None]
+    sample_lengths: list[int]
+    sample_truncated: list[bool]
+    greedy_logprob: float  # log pi(y_greedy|x)
+    greedy_base_logprob: float
+    base_greedy_logprob: float  # log pi(y_base_greedy|x): the policy on pi_base's own greedy output
+    base_greedy_base_logprob: float
+    sample_correct: list[bool] | None = None
+    greedy_correct: bool | None = None
+
+
+def sharpening_error_against_base(record: PromptRecord) -> float:
+    """delta(x) = 1 - pi(y*|x) with y* = argmax pi_base (Def. 3.1), y* taken as the candidate that pi_base rates
+    highest among the policy's samples, its greedy output and pi_base's greedy output."""
+    candidates = [
+        *zip(record.sample_base_logprobs, record.sample_logprobs),
+        (record.greedy_base_logprob, record.greedy_logprob),
+        (record.base_greedy_base_logprob, record.base_greedy_logprob),
+    ]
+    _, policy_logprob = max(candidates, key=lambda pair: pair[0])
+    return 1.0 - math.exp(policy_logprob)
+
+
+def best_of_k_accuracy(record: PromptRecord) -> float:
+    """Expected accuracy of Best-of-k by log pi_base over the k samples (ties split evenly); truncated samples are
+    candidates only when every sample is truncated (a prefix's log-prob bounds every completion extending it)."""
+    rows = [i for i, cut in enumerate(record.sample_truncated) if not cut] or list(range(len(record.sample_truncated)))
+    rewards = [record.sample_base_logprobs[i] for i in rows]
+    weights = best_of_n_selection_probabilities(rewards, len(rows))
+    return float(sum(w * record.sample_correct[i] for w, i in zip(weights, rows)))
+
+
+def aggregate(records: Sequence[PromptRecord], beta: float) -> dict[str, float]:
+    """The monitoring metrics (without prefix) from per-prompt records: means over prompts of per-prompt means."""
+
+    def mean(values):
+        return float(np.mean(list(values)))
+
+    def per_prompt(fn):
+        return mean(fn(r) for r in records)
+
+    metrics = {
+        "objective": per_prompt(
+            lambda r: np.mean([b - beta * (p - b) for p, b in zip(r.sample_logprobs, r.sample_base_logprobs)])
+        ),
+        "base_logprob": per_prompt(lambda r: np.mean(r.sample_base_logprobs)),
+        "kl": per_prompt(lambda r: np.mean(np.subtract(r.sample_logprobs, r.sample_base_logprobs))),
+        "entropy": per_prompt(lambda r: -np.mean(r.sample_logprobs)),
+        "greedy_base_logprob": per_prompt(lambda r: r.greedy_base_logprob),
+        "sharpening_error": per_prompt(sharpening_error_against_base),
+        "distinct_answers": per_prompt(lambda r: len({a for a in r.sample_answers if a is not None})),
+        "mean_length": per_prompt(lambda r: np.mean(r.sample_lengths)),
+        "clipped_ratio": per_prompt(lambda r: np.mean(r.sample_truncated)),
+    }
+    if records and records[0].greedy_correct is not None:
+        metrics["greedy_accuracy"] = per_prompt(lambda r: float(r.greedy_correct))
+        metrics["bon_accuracy"] = per_prompt(best_of_k_accuracy)
+    return metrics
+
+
+@dataclass
+class EvaluationCost:
+    """Work done by one sharpening evaluation (all processes)."""
+
+    prompts: int
+    policy_generations: int
+    base_generations: int
+    base_forwards: int
+    policy_forwards: int
+    seconds: float
+
+    def describe(self) -> str:
+        base = f", {self.base_generations} pi_base greedy generations (once per run)" if self.base_generations else ""
+        return (
+            f"{self.prompts} prompts: {self.policy_generations} policy generations{base}, {self.base_forwards} "
+            f"pi_base scoring forwards, {self.policy_forwards} policy scoring forwards, {self.seconds:.1f} s"
+        )
+
+
+def _generate(model, tokenizer, prompt_ids, *, num_samples, do_sample, max_new_tokens, prompts_per_call):
+    config = sampling_config(model, tokenizer, do_sample=do_sample, max_new_tokens=max_new_tokens)
+    return generate_completions(
+        model, prompt_ids, config, num_samples=num_samples, batch_size=prompts_per_call * num_samples
+    )
+
+
+def _score(model, prompt_ids, completion_ids, micro_batch_size) -> list[float]:
+    with torch.no_grad():
+        return sequence_logprobs(model, prompt_ids, completion_ids, micro_batch_size=micro_batch_size).float().tolist()
+
+
+@torch.no_grad()
+def measure_prompts(
+    model_context: Callable[[bool], contextlib.AbstractContextManager],
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    prompts_per_call: int,
+    seed: int,
+    extractor,
+    answers: Sequence | None = None,
+    checker=None,
+    base_greedy: dict | None = None,
+) -> list[PromptRecord]:
+    """Sample and score what `aggregate` needs, for `prompt_ids`. `model_context(from_base)` yields the model to
+    generate and score with: the policy, or pi_base. `base_greedy` caches pi_base's greedy outputs by prompt."""
+    micro = prompts_per_call * num_samples
+    cache = {} if base_greedy is None else base_greedy
+    missing = [i for i, ids in enumerate(prompt_ids) if tuple(ids) not in cache]
+    if missing:
+        with model_context(True) as base:
+            done = _generate(base, tokenizer, [prompt_ids[i] for i in missing], num_samples=1, do_sample=False,
+                             max_new_tokens=max_new_tokens, prompts_per_call=prompts_per_call)  # fmt: skip
+        for i, ids, logprob in zip(missing, done.completion_ids, done.logprobs):
+            cache[tuple(prompt_ids[i])] = (ids, logprob)
+    base_greedy_ids = [cache[tuple(ids)][0] for ids in prompt_ids]
+
+    with model_context(False) as policy:
+        greedy = _generate(policy, tokenizer, prompt_ids, num_samples=1, do_sample=False,
+                           max_new_tokens=max_new_tokens, prompts_per_call=prompts_per_call)  # fmt: skip
+        with seeded(policy, seed):  # the same random stream at every evaluation: steps are compared on equal terms
+            samples = _generate(policy, tokenizer, prompt_ids, num_samples=num_samples, do_sample=True,
+                                max_new_tokens=max_new_tokens, prompts_per_call=prompts_per_call)  # fmt: skip
+        policy_on_base_greedy = _score(policy, prompt_ids, base_greedy_ids, micro)
+    expanded = [prompt_ids[i] for i in samples.prompt_index]
+    with model_context(True) as base:
+        sample_base = _score(base, expanded, samples.completion_ids, micro)
+        greedy_base = _score(base, prompt_ids, greedy.completion_ids, micro)
+
+    texts = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+    correct = greedy_correct = None
+    if answers is not None:
+        correct, _ = check_answers(checker, texts, [answers[i] for i in samples.prompt_index])
+        greedy_texts = tokenizer.batch_decode(greedy.completion_ids, skip_special_tokens=True)
+        greedy_correct, _ = check_answers(checker, greedy_texts, answers)
+    records = []
+    for p in range(len(prompt_ids)):
+        rows = slice(p * num_samples, (p + 1) * num_samples)
+        records.append(
+            PromptRecord(
+                sample_logprobs=samples.logprobs[rows],
+                sample_base_logprobs=sample_base[rows],
+                sample_answers=[extractor(text) for text in texts[rows]],
+                sample_lengths=[len(ids) for ids in samples.completion_ids[rows]],
+                sample_truncated=samples.truncated[rows],
+                greedy_logprob=greedy.logprobs[p],
+                greedy_base_logprob=greedy_base[p],
+                base_greedy_logprob=policy_on_base_greedy[p],
+                base_greedy_base_logprob=cache[tuple(prompt_ids[p])][1],
+                sample_correct=None if correct is None else correct[rows],
+                greedy_correct=None if greedy_correct is None else greedy_correct[p],
+            )
+        )
+    return records
+
+
+def is_prompt_only(dataset) -> bool:
+    columns = set(getattr(dataset, "column_names", None) or [])
+    return "prompt" in columns and not columns & _NOT_PROMPT_ONLY
+
+
+# ------------------------------------------------------------------------------------------------ trainer side
+class SharpeningMonitorMixin:
+    """`evaluate()` for the sharpening trainers: a prompt-only eval dataset gets the label-free metrics of this
+    module (the parent's own evaluation runs on any other dataset). A trainer provides `_monitoring_model(from_base)`,
+    a context manager yielding the policy or pi_base, unwrapped and in eval mode, to generate and score with."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._base_greedy_cache: dict = {}  # pi_base's greedy outputs: pi_base is fixed (re-anchoring clears it)
+        self.last_evaluation_cost: EvaluationCost | None = None
+        if getattr(self.args, "collapse_alarm", False):
+            self.add_callback(CollapseAlarmCallback())
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):  # `Trainer.evaluate` passes the name of one of several eval datasets
+            dataset = self.eval_dataset[dataset]
+        if isinstance(dataset, dict) or dataset is None or not is_prompt_only(dataset):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = self.sharpening_metrics(dataset, metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def sharpening_metrics(self, dataset, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The monitoring metrics on the first `eval_num_prompts` rows of `dataset`, prefixed, on every process."""
+        args, start = self.args, time.perf_counter()
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        rows = len(dataset) if args.eval_num_prompts is None else min(args.eval_num_prompts, len(dataset))
+        dataset = dataset.select(range(rows))
+        answers = None
+        if args.eval_answer_column and args.eval_answer_column in dataset.column_names:
+            answers = list(dataset[args.eval_answer_column])
+        extractor = get_answer_extractor(getattr(args, "answer_extractor", None))
+        checker = get_answer_checker(args.eval_checker, extractor) if answers is not None else None
+        # Each process takes an equal share (padded by repeating its last prompt, so that every process runs the same
+        # generations and forwards, as ZeRO-3 needs); the padding is dropped after gathering
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        share = math.ceil(rows / world)
+        indices = list(range(rank * share, min((rank + 1) * share, rows))) or [rows - 1]
+        indices += [indices[-1]] * (share - len(indices))
+        prompts = dataset.select(indices)["prompt"]
+        max_new_tokens = args.eval_max_new_tokens or args.max_completion_length
+        if getattr(args, "reanchor_steps", 0):
+            self._base_greedy_cache.clear()  # pi_base moves with re-anchoring
+        cached = len(self._base_greedy_cache)
+        records = measure_prompts(
+            self._monitoring_model,
+            tokenizer,
+            [tokenize_prompt(tokenizer, prompt) for prompt in prompts],
+            num_samples=args.eval_num_samples,
+            max_new_tokens=max_new_tokens,
+            prompts_per_call=args.per_device_eval_batch_size,
+            seed=args.seed + rank,
+            extractor=extractor,
+            answers=None if answers is None else [answers[i] for i in indices],
+            checker=checker,
+            base_greedy=self._base_greedy_cache,
+        )
+        gathered = gather_object(list(zip(indices, records))) if world > 1 else list(zip(indices, records))
+        unique = dict(gathered)  # padding repeats an index
+        metrics = aggregate([unique[i] for i in sorted(unique)], args.objective_beta)
+        seconds = time.perf_counter() - start
+        generated = share * world
+        self.last_evaluation_cost = EvaluationCost(
+            prompts=rows,
+            policy_generations=generated * (args.eval_num_samples + 1),
+            base_generations=(len(self._base_greedy_cache) - cached) * world,
+            base_forwards=generated * (args.eval_num_samples + 1),
+            policy_forwards=generated,
+            seconds=seconds,
+        )
+        logger.info(
+            "Sharpening evaluation at step %d: %s.", self.state.global_step, self.last_evaluation_cost.describe()
+        )
+        metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(seconds, 4)
+        if self.state.epoch is not None:
+            metrics["epoch"] = self.state.epoch
+        return metrics
+
+
+class CollapseAlarmCallback(TrainerCallback):
+    """Warns when an evaluation shows sharpening turning into collapse: distinct answers, completion length or J_beta
+    falling sharply below their best value so far (thresholds: the config's `collapse_*_drop` fields).
+
+    Sharpening itself lowers distinct answers and entropy; collapse is when they fall *and* the objective J_beta (or
+    the length: degenerate short outputs) goes with them. Each alarm names the metric, its best and current values,
+    and points at `load_best_model_at_end` / `EarlyStoppingCallback`."""
+
+    def __init__(self):
+        self.best: dict[str, float] = {}
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        for key, value in (metrics or {}).items():
+            for suffix, threshold_field in (
+                ("_distinct_answers", "collapse_distinct_drop"),
+                ("_mean_length", "collapse_length_drop"),
+                ("_objective", "collapse_objective_drop"),
+            ):
+                if not key.endswith(suffix) or not isinstance(value, (int, float)):
+                    continue
+                drop = getattr(args, threshold_field, 0.5)
+                best = self.best.get(key)
+                if best is not None:
+                    floor = best - drop * abs(best) if suffix == "_objective" else (1 - drop) * best
+                    if value < floor:
+                        logger.warning(
+                            "Possible collapse at step %d: %s = %.4g, below %.4g (its best so far %.4g, minus %s = "
+                            "%g). Keep the best iterate with load_best_model_at_end and metric_for_best_model: "
+                            "objective; stop early with transformers.EarlyStoppingCallback.",
+                            state.global_step, key, value, floor, best, threshold_field, drop,
+                        )  # fmt: skip
+                self.best[key] = value if best is None else max(best, value)
