@@ -1,5 +1,6 @@
 """SelfRewardDPOTrainer on the bundled toy base: training mechanics, the shared pi_base pass, bad input, quality."""
 
+import contextlib
 import math
 
 import pytest
@@ -32,18 +33,34 @@ def base_state():
     return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).state_dict().items()}
 
 
-def count_scoring_forwards(model):
-    """Count pi_base scoring passes: backbone calls without a KV cache (generation always runs with one)."""
+def backbone(model):
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model).model
+
+
+@contextlib.contextmanager
+def count_scoring_forwards(*models):
+    """Count pi_base scoring passes of `models` while inside: backbone calls without a KV cache (generation always
+    runs with one). The hooks are removed on exit."""
     calls = []
-    backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = backbone.model
 
     def hook(module, args, kwargs):
         if kwargs.get("use_cache") is False:
             calls.append(kwargs["input_ids"].size(0))
 
-    backbone.register_forward_pre_hook(hook, with_kwargs=True)
-    return calls
+    handles = [backbone(model).register_forward_pre_hook(hook, with_kwargs=True) for model in models]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_count_scoring_forwards_removes_its_hooks(toy_model):
+    with count_scoring_forwards(toy_model) as calls:
+        toy_model(torch.tensor([[1, 2, 3]]), use_cache=False)
+    toy_model(torch.tensor([[1, 2, 3]]), use_cache=False)
+    assert calls == [1]
+    assert not backbone(toy_model)._forward_pre_hooks
 
 
 def last(log_history, key):
@@ -89,8 +106,8 @@ def test_logprob_reward_and_reference_logps_come_from_one_pi_base_forward(
     tmp_path, toy_model, toy_tokenizer, num_generations
 ):
     trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, num_generations=num_generations, max_steps=3)
-    calls = count_scoring_forwards(trainer.ref_model)
-    trainer.train()
+    with count_scoring_forwards(trainer.ref_model) as calls:
+        trainer.train()
     # One pi_base forward per step, over all k samples of every prompt; DPO runs no reference forward of its own
     assert calls == [8 * num_generations] * 3
     history = trainer.state.log_history
@@ -104,10 +121,15 @@ def test_logprob_reward_and_reference_logps_come_from_one_pi_base_forward(
 
 def test_sample_from_base_needs_no_scoring_forward(tmp_path, toy_model, toy_tokenizer):
     trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, sample_from="base")
-    calls = count_scoring_forwards(trainer.ref_model) + count_scoring_forwards(trainer.model)
-    trainer.train()
-    assert calls == []  # log pi_base(y|x) of base samples is recorded during generation
+    with (
+        count_scoring_forwards(trainer.ref_model) as base_calls,
+        count_scoring_forwards(trainer.model) as policy_calls,
+    ):
+        trainer.train()
+    assert base_calls == []  # log pi_base(y|x) of base samples is recorded during generation
     history = trainer.state.log_history
+    # The policy runs only DPO's loss forward, over the chosen and rejected rows of each step's pairs
+    assert policy_calls == [2 * (8 - ties) for ties in last(history, "self_reward/ties_skipped")]
     assert last(history, "logps/chosen")[0] == pytest.approx(last(history, "self_reward/chosen")[0], abs=1e-3)
     assert last(history, "rewards/margins")[0] == pytest.approx(0.0, abs=1e-4)
 
@@ -119,8 +141,8 @@ def test_reward_that_ignores_pi_base_scores_only_the_pairs(tmp_path, toy_model, 
     trainer = make_trainer(
         tmp_path, toy_model, toy_tokenizer, self_reward=answer_length, num_generations=4, max_steps=1
     )
-    calls = count_scoring_forwards(trainer.ref_model)
-    trainer.train()
+    with count_scoring_forwards(trainer.ref_model) as calls:
+        trainer.train()
     pairs = 8 - last(trainer.state.log_history, "self_reward/ties_skipped")[0]
     assert calls == [2 * pairs]  # reference log-probs of the chosen and rejected samples only, in one forward
 
@@ -139,17 +161,35 @@ def test_sharpen_loss_is_the_papers_regression(tmp_path, toy_model, toy_tokenize
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
 
 
-def test_all_pairs_tied_trains_on_nothing(tmp_path, toy_model, toy_tokenizer):
+def test_a_run_on_zero_pairs_warns_each_step_and_fails(tmp_path, toy_model, toy_tokenizer, caplog):
     def constant(prompts, completions, completion_ids, **kwargs):
         return [1.0] * len(completions)
 
-    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, self_reward=constant, max_steps=1)
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, self_reward=constant, max_steps=2)
     before = {k: v.clone() for k, v in trainer.model.named_parameters()}
-    trainer.train()
-    assert last(trainer.state.log_history, "self_reward/ties_skipped") == [8.0]
-    assert last(trainer.state.log_history, "loss") == [0.0]
-    for name, p in trainer.model.named_parameters():
+    with pytest.raises(RuntimeError, match="ran 2 batches on zero pairs.*'constant'"):
+        trainer.train()
+    assert [r.getMessage() for r in caplog.records if "trains on zero pairs" in r.getMessage()] == [
+        f"Step {step} trains on zero pairs (8 of 8 prompts' pairs were ties; self_reward='constant', "
+        "num_generations=2, tie_tolerance=0.0001): this step changes nothing."
+        for step in (1, 2)
+    ]
+    assert last(trainer.state.log_history, "self_reward/ties_skipped") == [8.0, 8.0]
+    assert last(trainer.state.log_history, "loss") == [0.0, 0.0]
+    for name, p in trainer.model.named_parameters():  # the all-tie steps ran at zero weight
         assert torch.equal(p, before[name])
+
+
+def test_a_step_on_zero_pairs_does_not_fail_a_run_that_trained(tmp_path, toy_model, toy_tokenizer, caplog):
+    calls = []
+
+    def tied_first(prompts, completions, completion_ids, **kwargs):
+        calls.append(1)
+        return [1.0] * len(completions) if len(calls) == 1 else [float(len(ids)) for ids in completion_ids]
+
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, self_reward=tied_first, max_steps=2)
+    trainer.train()  # step 1 trained on nothing, step 2 on its pairs: a warning, no error
+    assert sum("trains on zero pairs" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_reanchoring_copies_the_policy_into_pi_base(tmp_path, toy_model, toy_tokenizer):
@@ -205,11 +245,57 @@ def test_conversational_prompts_and_evaluate(tmp_path, toy_model, toy_tokenizer)
     assert "eval_completions/mean_length" in trainer.evaluate(load_toy_prompts("test").select(range(8)))
 
 
+def pair_ends_with_eos(batch, eos_token_id):
+    """(chosen complete, rejected complete) per pair of a pair batch: whether each completion ends with EOS."""
+    complete = [
+        row[m.bool()][-1].item() == eos_token_id for row, m in zip(batch["input_ids"], batch["completion_mask"])
+    ]
+    half = len(complete) // 2
+    return list(zip(complete[:half], complete[half:]))
+
+
+def test_a_truncated_sample_is_never_chosen_over_a_complete_one(tmp_path, toy_model, toy_tokenizer):
+    # 12 tokens cut many toy completions; their prefixes have high log pi_base, which used to win the pair
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, num_generations=4, max_completion_length=12)
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    ends = pair_ends_with_eos(batch, toy_tokenizer.eos_token_id)
+    assert any(chosen != rejected for chosen, rejected in ends)  # the step has complete-vs-truncated pairs
+    assert all(chosen or not rejected for chosen, rejected in ends)  # and their complete sample is always chosen
+
+
+def test_prompts_beyond_the_models_context_are_dropped(tmp_path, toy_model, toy_tokenizer, caplog):
+    # The toy model has 128 positions: with max_completion_length=40, prompts over 88 tokens cannot fit, although
+    # max_length (1024) would allow them
+    short = load_toy_prompts("train")["prompt"][:8]
+    long = [" ".join([prompt.removesuffix(" = ?")] * 20) + " = ?" for prompt in short]
+    assert all(88 < len(toy_tokenizer(p)["input_ids"]) < 1024 - 40 for p in long)
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, Dataset.from_dict({"prompt": short + long}))
+    assert sorted(trainer.train_dataset["prompt"]) == sorted(short)
+    assert "Dropped 8 of 16 train prompts" in caplog.text and "context of 128 positions" in caplog.text
+    with pytest.raises(ValueError, match="max_completion_length=128 leaves no room .* context of 128 positions"):
+        make_trainer(tmp_path, toy_model, toy_tokenizer, max_completion_length=128)
+
+
+def test_paper_preset_selects_the_papers_setting_by_name(tmp_path):
+    args = make_config(tmp_path, preset="paper")
+    assert (args.loss_type, args.sample_from, args.self_reward, args.num_generations) == (
+        ["sharpen"],
+        "base",
+        "logprob",
+        2,
+    )
+    with pytest.raises(ValueError, match="preset='paper' sets loss_type=\\['sharpen'\\], but loss_type=\\['ipo'\\]"):
+        make_config(tmp_path, preset="paper", loss_type="ipo")
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "overrides, match",
     [
         ({"num_generations": 1}, "num_generations=1"),
+        ({"self_reward": "majority", "num_generations": 2}, "self_reward='majority' with num_generations=2"),
+        ({"preset": "fast"}, "preset='fast'"),
         ({"sample_from": "reference"}, "sample_from='reference'"),
         ({"ties": "random"}, "ties='random'"),
         ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),

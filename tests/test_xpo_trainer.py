@@ -101,8 +101,8 @@ def test_step_one_loss_is_algorithm_1_with_one_pi_base_pass_over_policy_samples(
 ):
     alpha = 0.25
     trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, alpha=alpha, loss_type=loss_type)
-    calls = count_scoring_forwards(trainer.ref_model)
-    batch = next_pair_batch(trainer)
+    with count_scoring_forwards(trainer.ref_model) as calls:
+        batch = next_pair_batch(trainer)
     # pi_base scores only the 8 policy samples y; log pi_base(y~|x) of the base samples came with their generation
     assert calls == [8]
     rows = pair_rows(batch)
@@ -134,8 +134,8 @@ def counted_logprob(prompts, completions, completion_ids, base_logprobs, **kwarg
 def test_replay_buffer_replays_stored_triples_without_rescoring_them(tmp_path, toy_model, toy_tokenizer):
     counted_completions.clear()
     trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, replay_buffer_size=16, self_reward=counted_logprob)
-    calls = count_scoring_forwards(trainer.ref_model)
-    batches = [next_pair_batch(trainer) for _ in range(3)]
+    with count_scoring_forwards(trainer.ref_model) as calls:
+        batches = [next_pair_batch(trainer) for _ in range(3)]
     rows = [pair_rows(batch) for batch in batches]
     # Each step samples and scores only its own 8 prompts (8 y scored by pi_base, 8 y + 8 y~ by the self-reward) ...
     assert calls == [8, 8, 8] and counted_completions == [16, 16, 16]
@@ -149,6 +149,23 @@ def test_replay_buffer_replays_stored_triples_without_rescoring_them(tmp_path, t
     trainer.model.eval()
     assert len(pair_rows(trainer._prepare_inputs(next(iter(trainer.get_train_dataloader()))))) == 8
     assert buffer_rows(trainer) == rows[1][:8] + rows[2][:8]
+
+
+def test_paper_preset_replays_all_of_algorithm_1s_growing_dataset(tmp_path, toy_model, toy_tokenizer):
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, preset="paper")
+    assert (trainer.args.loss_type, trainer.args.replay_buffer_size) == (["sharpen"], -1)
+    rows = [pair_rows(next_pair_batch(trainer)) for _ in range(3)]
+    assert [len(r) for r in rows] == [8, 16, 24]  # D grows by every step's triples, none dropped
+    assert buffer_rows(trainer) == rows[0] + rows[1][:8] + rows[2][:8]
+
+
+def test_a_truncated_sample_is_never_chosen_over_a_complete_one(tmp_path, toy_model, toy_tokenizer):
+    from .test_self_reward_dpo_trainer import pair_ends_with_eos
+
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, loss_type="sigmoid", max_completion_length=12)
+    ends = pair_ends_with_eos(next_pair_batch(trainer), toy_tokenizer.eos_token_id)
+    assert any(chosen != rejected for chosen, rejected in ends)  # the step has complete-vs-truncated pairs
+    assert all(chosen or not rejected for chosen, rejected in ends)  # and their complete sample is always chosen
 
 
 def buffer_rows(trainer):
@@ -257,7 +274,7 @@ def test_parent_hooks_xpo_builds_on_keep_their_parameters():
         "_base_logprobs": ["self", "prompt_ids", "completion_ids"],
         "_self_rewards": ["self", "inputs", "samples", "base_logps"],
         "_pair_batch": ["self", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"],
-        "_log_samples": ["self", "inputs", "samples", "rewards", "chosen", "rejected", "ties_skipped", "loss_scale"],
+        "_log_samples": ["self", "inputs", "samples", "rewards", "selection"],
         "_auxiliary_loss": ["self", "chosen_logps", "rejected_logps", "inputs", "extras"],
     }
     for name, parameters in hooks.items():
@@ -272,7 +289,8 @@ def test_parent_hooks_xpo_builds_on_keep_their_parameters():
         ({"alpha": -0.1}, r"alpha=\[-0.1\].*>= 0"),
         ({"alpha": [0.1, -1.0]}, r"alpha=\[0.1, -1.0\]"),
         ({"alpha": []}, "alpha=.*empty"),
-        ({"replay_buffer_size": -1}, "replay_buffer_size=-1"),
+        ({"replay_buffer_size": -2}, "replay_buffer_size=-2"),
+        ({"self_reward": "majority"}, "self_reward='majority' with num_generations=2"),
         ({"num_generations": 4}, "num_generations=4"),
         ({"sample_from": "base"}, "sample_from='base'"),
         ({"ties": "skip"}, "ties='skip'"),

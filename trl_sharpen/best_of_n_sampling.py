@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .data import ensure_pad_token, model_max_length, tokenize_prompts, validate_prompt_dataset
 from .fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
-from .generation import Completions, generate_completions, sampling_config, seeded
+from .generation import Completions, eval_mode, generate_completions, sampling_config, seeded
 from .self_rewards import MajorityReward, SelfReward, get_self_reward
 
 
@@ -298,13 +298,11 @@ def best_of_n(
         unit="sample",
         disable=not progress or not state.is_local_main_process,
     )
-    was_training = model.training
-    model.eval()
     local_rows = []
     try:
         for shard in my_shards:
             indices = list(range(shard * shard_size, min((shard + 1) * shard_size, len(prompts))))
-            with seeded(model, seed + shard):
+            with eval_mode(model), seeded(model, seed + shard):
                 rows = _best_of_n_shard(
                     model,
                     tokenizer,
@@ -329,7 +327,6 @@ def best_of_n(
             local_rows.extend(rows)
     finally:
         bar.close()
-        model.train(was_training)
 
     if output_dir is None:
         rows = local_rows if state.num_processes == 1 else gather_object(local_rows)

@@ -20,7 +20,6 @@ its JSON and `format_report` in `trl_sharpen.report`; the plots in `trl_sharpen.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .answers import AnswerExtractor, answers_match, get_answer_extractor, load_callable
 from .data import ensure_pad_token, model_max_length, tokenize_prompts
-from .generation import generate_completions, sampling_config, seeded
+from .generation import eval_mode, generate_completions, sampling_config, seeded
 from .logprobs import sequence_logprobs
 from .metrics import validate_sample_count
 from .report import GreedyEvaluation, SampleSet, SharpeningReport
@@ -62,17 +61,6 @@ def check_answers(checker: AnswerChecker, completions: Sequence[str], references
             errors += 1
             correct.append(False)
     return correct, errors
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Dropout off while generating or scoring (a model may arrive mid-training), restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from .logprobs import completion_mask_from_eos, has_eos, sequence_logprobs, unwrap_causal_lm
+from .logprobs import completion_mask_from_eos, has_eos, pad_rows, sequence_logprobs, unwrap_causal_lm
 
 
 @dataclass
@@ -68,14 +68,9 @@ class _SampledTokenLogprobRecorder:
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if len(row):
-            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-    return ids, mask
+    """Prompts left-padded for `generate`, with their (long) attention mask."""
+    ids, mask = pad_rows(rows, pad_token_id, side="left")
+    return ids, mask.long()
 
 
 def build_generation_config(
@@ -135,6 +130,17 @@ def sampling_config(
         eos_token_id=eos_token_ids(model, tokenizer),
         **extra,
     )
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Dropout off while generating or scoring (a model may arrive mid-training), restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @contextlib.contextmanager

@@ -50,6 +50,21 @@ def _logit_transform(config):
     return transform
 
 
+def pad_rows(
+    rows: Sequence[Sequence[int]], pad_value: int = 0, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged token-id rows as a `(batch, longest)` long tensor padded on `side`, and its boolean mask."""
+    rows = [list(row) for row in rows]
+    width = max((len(row) for row in rows), default=0)
+    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        out[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = True
+    return out, mask
+
+
 def _as_padded(ids: TokenIds, mask: torch.Tensor | None, pad_value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) as padded tensors; ragged lists become right-padded tensors with their mask."""
     if isinstance(ids, torch.Tensor):
@@ -58,14 +73,7 @@ def _as_padded(ids: TokenIds, mask: torch.Tensor | None, pad_value: int = 0) -> 
         if mask is None:
             mask = torch.ones_like(ids, dtype=torch.bool)
         return ids.long(), mask.bool()
-    rows = [list(row) for row in ids]
-    width = max((len(row) for row in rows), default=0)
-    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
-    out_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        out_mask[i, : len(row)] = True
-    return out, out_mask
+    return pad_rows(ids, pad_value)
 
 
 def pack_prompt_completion(

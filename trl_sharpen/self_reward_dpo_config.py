@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import DPOConfig
@@ -126,6 +126,17 @@ class SelfRewardDPOConfig(DPOConfig):
         },
     )
 
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "`paper`: the paper's RLHF-Sharpening setting, for which its optimum pi_base^(1+1/beta) holds: "
+            "loss_type=sharpen (Eq. 8), sample_from=base, self_reward=logprob, num_generations=2 (for XPOConfig: "
+            "loss_type=sharpen, self_reward=logprob and replay of all of Algorithm 1's D, replay_buffer_size=-1). A "
+            "field set to a value other than its default and the preset's is refused. Unset: the fields as given.",
+            "choices": ["paper"],
+        },
+    )
+
     # Iterative variant: an extension beyond the paper
     reanchor_steps: int = field(
         default=0,
@@ -150,12 +161,23 @@ class SelfRewardDPOConfig(DPOConfig):
         default=None, metadata={"help": "Pairs printed with rich per log; unset: all."}
     )
 
+    # The paper's setting, selected by `preset="paper"` (XPOConfig names its own)
+    _PAPER_PRESET = {"loss_type": [SHARPEN_LOSS], "sample_from": "base", "self_reward": "logprob", "num_generations": 2}
+
     def __post_init__(self):
+        if self.preset is not None:
+            self._apply_preset()
         super().__post_init__()  # turns a single `loss_type` string into a list
         if self.num_generations < 2:
             raise ValueError(
                 f"num_generations={self.num_generations}: sharpening ranks at least 2 completions per prompt, so "
                 "num_generations must be >= 2."
+            )
+        if self.self_reward == "majority" and self.num_generations < 3:
+            raise ValueError(
+                f"self_reward='majority' with num_generations={self.num_generations}: the two samples of a prompt "
+                "always tie under a majority vote (each answer has one vote), so every pair would be skipped. Use "
+                "num_generations >= 3 (XPO pairs only 2 samples: use another self_reward)."
             )
         if self.sample_from not in SAMPLE_FROM:
             raise ValueError(f"sample_from={self.sample_from!r}; expected one of {list(SAMPLE_FROM)}.")
@@ -204,6 +226,19 @@ class SelfRewardDPOConfig(DPOConfig):
             self.sync_ref_model = True
             self.ref_model_mixup_alpha = 1.0
             self.ref_model_sync_steps = self.reanchor_steps
+
+    def _apply_preset(self) -> None:
+        if self.preset != "paper":
+            raise ValueError(f"preset={self.preset!r}; expected 'paper' or unset.")
+        defaults = {f.name: f.default_factory() if callable(f.default_factory) else f.default for f in fields(self)}
+        for name, value in self._PAPER_PRESET.items():
+            current = [getattr(self, name)] if name == "loss_type" and isinstance(getattr(self, name), str) else None
+            current = getattr(self, name) if current is None else current
+            if current not in (value, defaults[name]):
+                raise ValueError(
+                    f"preset='paper' sets {name}={value!r}, but {name}={current!r} was given: drop one of the two."
+                )
+            setattr(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         # A callable self-reward is not JSON-serialisable (logging integrations dump the config as JSON)

@@ -20,26 +20,35 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, is_peft_model
-from datasets import Dataset
-from transformers import AutoTokenizer
+from datasets import Dataset, IterableDataset
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import EvalPrediction
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id, print_prompt_completions_sample, use_adapter
 
 from .data import is_conversational_prompt, tokenize_prompt, validate_prompt_dataset
-from .generation import Completions, generate_completions, sampling_config
+from .generation import Completions, eval_mode, generate_completions, sampling_config
 from .logprobs import sequence_logprobs
+from .pairs import PairSelection, select_pairs
 from .paper import SHARPENING_PAPER
 from .real_models import resolve_model_name_or_path
 from .report_tables import log_table
 from .self_reward_dpo_config import SHARPEN_LOSS, SelfRewardDPOConfig
 from .self_rewards import get_self_reward
 
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+    from transformers import BitsAndBytesConfig
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +63,20 @@ def collate_prompts(examples: list[dict]) -> dict[str, list]:
 
 def _tokenize_prompt_column(example, tokenizer):
     return {"prompt_ids": tokenize_prompt(tokenizer, example["prompt"])}
+
+
+def _context_length(model: str | PreTrainedModel, args) -> int | None:
+    """The model's positional limit (`max_position_embeddings`), from its config; None when it declares none."""
+    if isinstance(model, str):
+        init_kwargs = (args.model_init_kwargs if args is not None else None) or {}
+        config = AutoConfig.from_pretrained(
+            model,
+            revision=init_kwargs.get("revision"),
+            trust_remote_code=init_kwargs.get("trust_remote_code", getattr(args, "trust_remote_code", False)),
+        )
+    else:
+        config = model.config
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
 class SelfRewardDPOTrainer(DPOTrainer):
@@ -82,18 +105,18 @@ class SelfRewardDPOTrainer(DPOTrainer):
 
     def __init__(
         self,
-        model,
-        ref_model=None,
+        model: str | PreTrainedModel | PeftModel,
+        ref_model: PreTrainedModel | None = None,
         args: SelfRewardDPOConfig | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
+        data_collator: Callable[[list[dict]], dict] | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: BitsAndBytesConfig | None = None,
+        peft_config: PeftConfig | None = None,
     ):
         # A GGUF file or model package: its converted folder (converted once, cached)
         model, ref_model = resolve_model_name_or_path(model), resolve_model_name_or_path(ref_model)
@@ -112,6 +135,8 @@ class SelfRewardDPOTrainer(DPOTrainer):
             first = next(iter(train_dataset))
             if "image" in first or "images" in first:
                 raise ValueError("Prompts with images are not supported: pass text prompts (standard or chat).")
+        # Read by `_prepare_dataset`, which DPO calls before the model is stored on the trainer
+        self._context_length = _context_length(model, args)
         super().__init__(
             model,
             ref_model=ref_model,
@@ -126,8 +151,16 @@ class SelfRewardDPOTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        # DPO's loss reads the reference log-probs from the batch when this is set. They are computed per step with
-        # the freshly sampled pairs (in `_prepare_inputs`, shared with the self-reward), never over the dataset.
+        # How this trainer plugs into DPO's loss (`DPOTrainer._compute_loss`), and why this way. It needs two things
+        # DPO has no public hook for: (1) reference log-probs it computed itself (once per step, shared with the
+        # self-reward), and (2) the policy's log-probs *with gradients* for `_auxiliary_loss`.
+        # (1) `precompute_ref_logps` is DPO's switch for "the batch carries `ref_chosen_logps`/`ref_rejected_logps`";
+        #     we fill them per step in `_pair_batch` instead of over the dataset, so `_precompute_ref_logps` (the
+        #     dataset pass) has nothing to do. (2) `compute_loss` captures `log_probs` from DPO's own fused-LM-head
+        #     forward with a forward hook.
+        # The alternatives are worse: overriding `_compute_loss` means copying ~300 lines (16 loss types, metrics)
+        # that change with every TRL release, and a second policy forward doubles the cost of the step. Both lines
+        # we rely on are pinned by tests/test_trl_compat.py, so a TRL change fails there by name.
         self.precompute_ref_logps = True
         # DPO's loss rejects unknown loss types: it runs the others, `_auxiliary_loss` adds the regression
         weights = list(zip(self.loss_types, self.loss_weights, strict=True))
@@ -154,6 +187,20 @@ class SelfRewardDPOTrainer(DPOTrainer):
             pad_token_id=self._tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
         )
         self._logged_pairs: dict[str, list] = {}  # the last step's pairs, for `log_completions`
+        self._train_batches, self._pairs_trained = 0, 0  # of this `train()` call, all processes: see `train`
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        # A run whose every step was all ties trained on nothing: fail instead of saving pi_base as "sharpened"
+        self._train_batches, self._pairs_trained = 0, 0
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        if self._train_batches and not self._pairs_trained:
+            raise RuntimeError(
+                f"Training ran {self._train_batches} batches on zero pairs: every pair was a tie, so the "
+                f"model did not change. The self-reward {self.self_reward.name!r} gave all "
+                f"{self.args.num_generations} samples of every prompt the same value: use more samples "
+                "(num_generations), another self_reward, or ties='keep'."
+            )
+        return output
 
     # ------------------------------------------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -164,75 +211,74 @@ class SelfRewardDPOTrainer(DPOTrainer):
         map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
         with PartialState().main_process_first():
             dataset = dataset.map(_tokenize_prompt_column, fn_kwargs={"tokenizer": self._tokenizer}, **map_kwargs)
-            # A prompt needs room for a whole completion: the pairs are never truncated (see `pair_collator`)
-            limit = float("inf") if args.max_length is None else args.max_length - args.max_completion_length
+            # A prompt needs room for a whole completion, within max_length and within the model's positions: the pairs
+            # are never truncated (see `pair_collator`), and the model cannot attend beyond its context
+            limit = self._prompt_limit(args)
             kept = dataset.filter(lambda example: 0 < len(example["prompt_ids"]) <= limit, **map_kwargs)
         if isinstance(dataset, Dataset) and len(kept) < len(dataset):
             logger.warning(
-                "Dropped %d of %d %s prompts that are empty or longer than max_length - max_completion_length = %s "
-                "tokens.",
+                "Dropped %d of %d %s prompts that are empty or longer than %s tokens (max_length=%s and the model's "
+                "context of %s positions, less max_completion_length=%d).",
                 len(dataset) - len(kept),
                 len(dataset),
                 dataset_name,
                 limit,
+                args.max_length,
+                self._context_length,
+                args.max_completion_length,
+            )
+        if isinstance(kept, Dataset) and len(kept) == 0:
+            raise ValueError(
+                f"No {dataset_name} prompt fits: every prompt is empty or longer than {limit} tokens (max_length="
+                f"{args.max_length}, model context {self._context_length}, max_completion_length="
+                f"{args.max_completion_length}). Lower max_completion_length or use shorter prompts."
             )
         return kept
+
+    def _prompt_limit(self, args) -> float:
+        """The longest prompt that leaves room for `max_completion_length` tokens in max_length and the context."""
+        limits = [limit for limit in (args.max_length, self._context_length) if limit is not None]
+        limit = min(limits, default=float("inf")) - args.max_completion_length
+        if limit < 1:
+            raise ValueError(
+                f"max_completion_length={args.max_completion_length} leaves no room for a prompt in the model's "
+                f"context of {self._context_length} positions (max_length={args.max_length}): lower "
+                "max_completion_length."
+            )
+        return limit
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["prompt", "prompt_ids"]
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        # `precompute_ref_logps` is on only so that DPO's loss reads the per-step reference log-probs from the batch;
-        # a prompt-only dataset has nothing to precompute (`evaluate(eval_dataset=...)` calls this).
+        # Prompt-only data: nothing to precompute (see `precompute_ref_logps` in `__init__`)
         return dataset
 
     # ----------------------------------------------------------------------------------------- per-step pairs
     def _prepare_inputs(self, inputs):
-        """Sample k completions per prompt, score them, and return the DPO pair batch (Huang et al. 2025, Eq. 8)."""
+        """Sample k completions per prompt, score them, select the pairs, and return DPO's pair batch."""
         if "input_ids" in inputs:  # already a pair batch
             return inputs
         k, from_base = self.args.num_generations, self.args.sample_from == "base"
-        prompt_ids = inputs["prompt_ids"]
-        samples = self._generate(prompt_ids, k, from_base=from_base)
-        row_prompt_ids = [prompt_ids[i] for i in samples.prompt_index]
+        samples = self._generate(inputs["prompt_ids"], k, from_base=from_base)
+        row_prompt_ids = [inputs["prompt_ids"][i] for i in samples.prompt_index]
         # Sampled from pi_base: generation recorded log pi_base(y|x). Otherwise one pi_base pass, shared with DPO.
         # Under ZeRO-3 every rank must run as many forwards as the others, so all samples are scored there.
         base_logps = torch.tensor(samples.logprobs) if from_base else None
-        if base_logps is None and (self.self_reward.requires_base_logprobs or self._is_zero3()):
+        if base_logps is None and (self.self_reward.requires_base_logprobs or is_deepspeed_zero3_enabled()):
             base_logps = self._base_logprobs(row_prompt_ids, samples.completion_ids)
         rewards = self._self_rewards(inputs, samples, base_logps)
-
-        grouped = rewards.view(-1, k)
-        offsets = torch.arange(grouped.size(0)) * k
-        chosen, rejected = offsets + grouped.argmax(dim=1), offsets + grouped.argmin(dim=1)
-        same = torch.tensor([samples.completion_ids[c] == samples.completion_ids[r] for c, r in zip(chosen, rejected)])
-        tie = same | ((grouped.max(dim=1).values - grouped.min(dim=1).values) <= self.args.tie_tolerance)
-        if self.args.ties == "keep":
-            rejected = torch.where(chosen == rejected, offsets + (chosen - offsets + 1) % k, rejected)
-            keep = torch.ones_like(tie)
-        else:
-            keep = ~tie
-        ties_skipped = int((tie & ~keep).sum())
-        if self.accelerator.num_processes > 1:
-            # DPO's loss gathers per-pair tensors across processes (`rewards/*`, `logps/*`), which needs the same
-            # number of pairs everywhere: each process keeps as many of its pairs as the process with the fewest
-            fewest = int(self.accelerator.gather(keep.sum().reshape(1).to(self.accelerator.device)).min())
-            keep &= keep.cumsum(0) <= fewest
-        # With every pair tied, still train on one at zero weight: all processes must run the same forward/backward
-        loss_scale = 1.0 if keep.any() else 0.0
-        if not keep.any():
-            keep[0] = True
-        chosen, rejected = chosen[keep], rejected[keep]
-
+        selection = self._select_pairs(rewards, samples)
+        chosen, rejected = (torch.tensor(indices) for indices in selection.batch_pairs)
         if base_logps is None:  # a self-reward that does not read pi_base: score only the selected pairs
+            both = torch.cat([chosen, rejected]).tolist()
             pair_logps = self._base_logprobs(
-                [row_prompt_ids[i] for i in torch.cat([chosen, rejected])],
-                [samples.completion_ids[i] for i in torch.cat([chosen, rejected])],
+                [row_prompt_ids[i] for i in both], [samples.completion_ids[i] for i in both]
             ).chunk(2)
         else:
             pair_logps = base_logps[chosen], base_logps[rejected]
-        self._log_samples(inputs, samples, rewards, chosen, rejected, ties_skipped, loss_scale)
+        self._log_samples(inputs, samples, rewards, selection)
         return self._pair_batch(
             [row_prompt_ids[i] for i in chosen],
             [samples.completion_ids[i] for i in chosen],
@@ -240,8 +286,25 @@ class SelfRewardDPOTrainer(DPOTrainer):
             *pair_logps,
             chosen_rewards=rewards[chosen],
             rejected_rewards=rewards[rejected],
-            loss_scale=torch.tensor(loss_scale),
+            loss_scale=torch.tensor(selection.loss_scale),
         )
+
+    def _select_pairs(self, rewards: torch.Tensor, samples: Completions) -> PairSelection:
+        """`select_pairs` (complete before truncated, then by reward; ties), with equal pair counts on all processes."""
+        selection = select_pairs(
+            rewards.tolist(),
+            self.args.num_generations,
+            truncated=samples.truncated,
+            completion_ids=samples.completion_ids,
+            ties=self.args.ties,
+            tie_tolerance=self.args.tie_tolerance,
+        )
+        if self.accelerator.num_processes > 1:
+            # DPO's loss gathers per-pair tensors across processes (`rewards/*`, `logps/*`), which needs the same
+            # number of pairs everywhere: each process keeps as many of its pairs as the process with the fewest
+            count = torch.tensor([len(selection.pairs)], device=self.accelerator.device)
+            selection = selection.first(int(self.accelerator.gather(count).min()))
+        return selection
 
     @contextlib.contextmanager
     def _generation_model(self, from_base: bool):
@@ -249,7 +312,7 @@ class SelfRewardDPOTrainer(DPOTrainer):
         if from_base and self.ref_model is not None:
             ref_model = self.accelerator.unwrap_model(self.ref_model)
             gather = contextlib.nullcontext()
-            if self._is_zero3():  # the frozen reference is sharded too; gather it for generation
+            if is_deepspeed_zero3_enabled():  # the frozen reference is sharded too; gather it for generation
                 import deepspeed
 
                 gather = deepspeed.zero.GatheredParameters(list(ref_model.parameters()))
@@ -262,20 +325,15 @@ class SelfRewardDPOTrainer(DPOTrainer):
             gather_deepspeed3_params=self.args.ds3_gather_for_generation,
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
         ) as model:
-            was_training = model.training
-            model.eval()
-            try:
-                with self._base_adapter(model) if from_base else contextlib.nullcontext():
-                    yield model
-            finally:
-                model.train(was_training)
+            with eval_mode(model), self._base_adapter(model) if from_base else contextlib.nullcontext():
+                yield model
 
     def _generate(self, prompt_ids: list[list[int]], num_samples: int, from_base: bool) -> Completions:
         """`num_samples` completions per prompt (prompt-major); from pi_base they carry log pi_base(y|x)."""
         # ZeRO-3 weights left partitioned (ds3_gather_for_generation=False) are fetched layer by layer in every forward:
         # the processes must keep stepping together. Only pi_base as a separate reference model is always gathered.
         gathered = self.args.ds3_gather_for_generation or (from_base and self.ref_model is not None)
-        synced_gpus = self._is_zero3() and not gathered
+        synced_gpus = is_deepspeed_zero3_enabled() and not gathered
         with self._generation_model(from_base) as model:
             return generate_completions(
                 model,
@@ -348,7 +406,8 @@ class SelfRewardDPOTrainer(DPOTrainer):
     # -------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         extras = {key: inputs.pop(key) for key in list(inputs) if key not in _DPO_BATCH_KEYS}
-        # Capture the policy's per-token log-probs (with gradients) of DPO's own forward, for `_auxiliary_loss`
+        # The policy's per-token log-probs (with gradients) of DPO's own forward, for `_auxiliary_loss` (why a hook:
+        # see `precompute_ref_logps` in `__init__`)
         captured = []
 
         def capture(module, args, output):
@@ -388,11 +447,12 @@ class SelfRewardDPOTrainer(DPOTrainer):
         return self.sharpen_weight * sharpen_loss
 
     # ----------------------------------------------------------------------------------------------- logging
-    def _log_samples(self, inputs, samples, rewards, chosen, rejected, ties_skipped, loss_scale):
+    def _log_samples(self, inputs, samples: Completions, rewards: torch.Tensor, selection: PairSelection) -> None:
         mode = "train" if self.model.training else "eval"
-        pairs = len(chosen) if loss_scale > 0 else 0  # an all-tie step trains on nothing
+        chosen = [c for c, _ in selection.pairs]  # the pairs trained on (not the zero-weight fallback)
+        rejected = [r for _, r in selection.pairs]
         lengths = [len(ids) for ids in samples.completion_ids]
-        local = [rewards[chosen].sum() * bool(pairs), rewards[rejected].sum() * bool(pairs), pairs, ties_skipped]
+        local = [rewards[chosen].sum(), rewards[rejected].sum(), len(chosen), selection.ties_skipped]
         local += [sum(lengths), len(lengths), sum(samples.truncated)]
         stats = self.accelerator.gather(torch.tensor(local, dtype=torch.float64, device=self.accelerator.device))
         r_chosen, r_rejected, pairs, ties, length, count, clipped = stats.view(-1, len(local)).sum(0).tolist()
@@ -404,6 +464,20 @@ class SelfRewardDPOTrainer(DPOTrainer):
         metrics["self_reward/ties_skipped"].append(ties)
         metrics["completions/mean_length"].append(length / count)
         metrics["completions/clipped_ratio"].append(clipped / count)
+        if mode == "train":
+            self._train_batches += 1
+            self._pairs_trained += int(pairs)
+            if pairs == 0 and self.accelerator.is_main_process:
+                logger.warning(
+                    "Step %d trains on zero pairs (%d of %d prompts' pairs were ties; self_reward=%r, "
+                    "num_generations=%d, tie_tolerance=%g): this step changes nothing.",
+                    self.state.global_step + 1,
+                    int(ties),
+                    int(count) // self.args.num_generations,
+                    self.self_reward.name,
+                    self.args.num_generations,
+                    self.args.tie_tolerance,
+                )
         if self.args.log_completions:
             texts = self._tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
             columns = {
@@ -429,10 +503,6 @@ class SelfRewardDPOTrainer(DPOTrainer):
         log_table(self, "completions", pairs)  # wandb and tensorboard
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _is_zero3(self) -> bool:
-        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
-        return plugin is not None and plugin.zero_stage == 3
-
     def _base_adapter(self, peft_model):
         """With PEFT, pi_base is the policy with adapters disabled, or DPO's frozen copy `"ref"` of a given adapter."""
         return use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)

@@ -56,9 +56,12 @@ class XPOConfig(SelfRewardDPOConfig):
         metadata={
             "help": "Triples (x, y, y~) from earlier steps that each training micro-batch also trains on, with "
             "their stored rewards and pi_base log-probs (nothing recomputed but the policy's log-probs): the growing "
-            "dataset D of Algorithm 1, capped at this many (oldest dropped first), per process. 0: current batch only."
+            "dataset D of Algorithm 1, capped at this many (oldest dropped first), per process. -1: all of D "
+            "(Algorithm 1; each step's forward grows with the number of steps). 0 (default): current batch only."
         },
     )
+
+    _PAPER_PRESET = {"loss_type": [SHARPEN_LOSS], "self_reward": "logprob", "replay_buffer_size": -1}
 
     def __post_init__(self):
         if isinstance(self.alpha, (int, float)):
@@ -71,9 +74,11 @@ class XPOConfig(SelfRewardDPOConfig):
                 f"alpha={self.alpha}: the exploration bonus weight must be >= 0 (0 turns XPO into the paper's Eq. 8 "
                 "regression on policy/base pairs)."
             )
-        if self.replay_buffer_size < 0:
-            raise ValueError(f"replay_buffer_size={self.replay_buffer_size} must be >= 0 (0: current batch only).")
-        super().__post_init__()
+        super().__post_init__()  # applies `preset`
+        if self.replay_buffer_size < -1:
+            raise ValueError(
+                f"replay_buffer_size={self.replay_buffer_size} must be >= -1 (-1: all of D, 0: current batch only)."
+            )
         if self.num_generations != 2:
             raise ValueError(
                 f"num_generations={self.num_generations}: XPO samples exactly one completion from the policy and one "

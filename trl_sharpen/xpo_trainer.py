@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .generation import Completions
+from .pairs import select_pairs
 from .paper import SHARPENING_PAPER
 from .self_reward_dpo_trainer import SelfRewardDPOTrainer
 from .xpo_config import XPOConfig
@@ -125,7 +126,8 @@ class XPOTrainer(SelfRewardDPOTrainer):
             peft_config=peft_config,
         )
         # Triples of earlier steps (this process's), each a tuple of `_TRIPLE_FIELDS`
-        self.replay_buffer: collections.deque[tuple] = collections.deque(maxlen=self.args.replay_buffer_size)
+        size = self.args.replay_buffer_size
+        self.replay_buffer: collections.deque[tuple] = collections.deque(maxlen=None if size == -1 else size)
         self.add_callback(_SaveReplayBuffer(self))
         self._alpha_ran_out_warned = False
 
@@ -160,10 +162,12 @@ class XPOTrainer(SelfRewardDPOTrainer):
             [self._base_logprobs(prompt_ids, policy.completion_ids), torch.tensor(base.logprobs)], dim=1
         )
         rewards = self._self_rewards(inputs, samples, base_logps.flatten()).view(-1, 2)
-        base_is_chosen = rewards[:, 1] > rewards[:, 0]  # a tie keeps y in the chosen slot, as TRL's XPO did
-        chosen = torch.arange(len(prompt_ids)) * 2 + base_is_chosen.long()
-        rejected = torch.arange(len(prompt_ids)) * 2 + 1 - base_is_chosen.long()
-        self._log_samples(inputs, samples, rewards.flatten(), chosen, rejected, 0, 1.0)
+        # The parent's pair order: a truncated sample is never chosen over a complete one, then the higher reward;
+        # a tie keeps y in the chosen slot, as TRL's XPO did. Every pair is kept (`ties="keep"`).
+        selection = select_pairs(rewards.flatten().tolist(), 2, truncated=samples.truncated, ties="keep")
+        chosen, rejected = (torch.tensor(indices) for indices in selection.batch_pairs)
+        base_is_chosen = chosen % 2 == 1
+        self._log_samples(inputs, samples, rewards.flatten(), selection)
         self._log_xpo_samples(rewards)
 
         base_logps, rewards = base_logps.flatten(), rewards.flatten()
