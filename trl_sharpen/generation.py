@@ -4,16 +4,24 @@ When completions are sampled from the model that will score them (Best-of-N from
 score log pi(y|x) is already computed during generation: each decoding step produces the next-token logits. We record
 `log_softmax(raw logits)[sampled token]` at every step, *before* any temperature / top-k / top-p warping or logits
 processor, so the sum is the model's own log-probability and equals a separate scoring pass (`sequence_logprobs`).
+
+A completion ends at the first EOS id (`eos_token_ids`: the model's, the tokenizer's and the chat template's
+end-of-turn token) or, with `stop_strings` (base models prompted few-shot), at the token that completes the first stop
+string in the completion's text. That token is kept whole, even when the stop string ends inside it ("\n\n" may come
+as part of ".\n\n"): the completion is then exactly the tokens the model produced up to and including the stop, and
+its log-probability, recorded or re-scored, covers the same tokens. A stop string is searched in the completion only,
+never across the prompt boundary (unlike `generate(stop_strings=...)`, which also matches text overhanging the prompt).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from .logprobs import completion_mask_from_eos, has_eos, pad_rows, sequence_logprobs, unwrap_causal_lm
 
@@ -26,7 +34,7 @@ class Completions:
     completion_ids: list[list[int]]
     # Sequence log-probability under the sampling model (None when not recorded)
     logprobs: list[float] | None
-    # True when the completion hit `max_new_tokens` without an EOS token
+    # True when the completion hit `max_new_tokens` without an EOS token or a stop string
     truncated: list[bool]
 
     def __len__(self) -> int:
@@ -97,14 +105,62 @@ def build_generation_config(
     )
 
 
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token the tokenizer's chat template closes an assistant turn with (SmolLM2 and Qwen:
+    `<|im_end|>`, Gemma: `<end_of_turn>`), or None without a chat template or without such a token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "Zq7xMarker"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # a template that needs other roles or fields: no end-of-turn token to add
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    after = tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return after[0] if after and after[0] in special else None
+
+
 def eos_token_ids(model, tokenizer) -> int | list[int]:
-    """EOS ids from the model's generation config (chat models often end turns with several), else the tokenizer's."""
+    """The ids that end a completion: the model's generation config EOS ids (chat models often list several), the
+    tokenizer's EOS, and the chat template's end-of-turn token, so that a chat model stops at the end of its turn even
+    when its generation config names another EOS."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for extra in (tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)):
+        if extra is not None and extra not in ids:
+            ids.append(extra)
+    if not ids:
         raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token.")
-    return eos
+    return ids[0] if len(ids) == 1 else ids
+
+
+class StopStringCriteria(StoppingCriteria):
+    """Ends a row of `generate` at the first token whose completion text contains one of `stop_strings`, and
+    remembers where (`stop_lengths`: completion tokens up to and including that token). Rows that reached an EOS id
+    are not searched (what follows an EOS is padding)."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_width: int, eos_token_ids, batch_size: int):
+        self.tokenizer = tokenizer
+        self.stop_strings = list(stop_strings)
+        self.prompt_width = prompt_width
+        self.eos_ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+        self.stop_lengths: list[int | None] = [None] * batch_size
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        completion = input_ids[:, self.prompt_width :]
+        ended = has_eos(completion, self.eos_ids).tolist()
+        rows = [i for i, length in enumerate(self.stop_lengths) if length is None and not ended[i]]
+        if rows:
+            # The whole completion is decoded (not a tail window): a tail may decode differently at its start
+            texts = self.tokenizer.batch_decode(completion[rows].tolist(), skip_special_tokens=False)
+            for row, text in zip(rows, texts):
+                if any(stop in text for stop in self.stop_strings):
+                    self.stop_lengths[row] = completion.size(1)
+        return torch.tensor([length is not None for length in self.stop_lengths], device=input_ids.device)
 
 
 def sampling_config(
@@ -163,19 +219,33 @@ def generate_completions(
     record_logprobs: bool = True,
     synced_gpus: bool | None = None,
     progress=None,
+    tokenizer=None,
+    stop_strings: Sequence[str] | None = None,
 ) -> Completions:
     """Generate `num_samples` completions for each prompt, `batch_size` sequences per `generate` call.
 
     Args:
         model: the model to sample from (unwrapped; a PEFT model inside `disable_adapter()` samples from the base).
         prompt_ids: token ids of each prompt, unpadded.
-        generation_config: see `build_generation_config`.
+        generation_config: see `build_generation_config` (its `stop_strings`, if any, are used as `stop_strings`).
+        tokenizer: decodes completions to find stop strings (needed only with stop strings).
+        stop_strings: end each completion at the token that completes the first of these strings in its text
+            (see the module docstring); such a completion is not truncated.
         record_logprobs: record log pi(y|x) of each completion under `model` from the generation step itself.
         synced_gpus: forwarded to `generate`; pass False when ZeRO-3 parameters are already gathered.
         progress: optional tqdm bar, advanced by the number of completions produced.
     """
     eos_ids = generation_config.eos_token_id
     pad_id = generation_config.pad_token_id
+    stop_strings = list(stop_strings or getattr(generation_config, "stop_strings", None) or [])
+    if isinstance(getattr(generation_config, "stop_strings", None), str):
+        stop_strings = [generation_config.stop_strings]
+    if stop_strings:
+        if tokenizer is None:
+            raise ValueError("Stop strings need the tokenizer to read the completions: pass tokenizer=... as well.")
+        # Our criterion replaces `generate`'s own, which would also match text overhanging the prompt
+        generation_config = copy.copy(generation_config)
+        generation_config.stop_strings = None
     rows = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]
     device = next(unwrap_causal_lm(model).parameters()).device
     out = Completions(prompt_index=rows, completion_ids=[], logprobs=[] if record_logprobs else None, truncated=[])
@@ -183,12 +253,18 @@ def generate_completions(
         batch_rows = rows[start : start + batch_size]
         input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch_rows], pad_id)
         recorder = _SampledTokenLogprobRecorder()
+        stops = (
+            StopStringCriteria(tokenizer, stop_strings, input_ids.size(1), eos_ids, len(batch_rows))
+            if stop_strings
+            else None
+        )
         handle = unwrap_causal_lm(model).register_forward_hook(recorder, with_kwargs=True) if record_logprobs else None
         try:
             sequences = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=generation_config,
+                stopping_criteria=StoppingCriteriaList([stops] if stops else []),
                 synced_gpus=synced_gpus,
             )
         finally:
@@ -197,6 +273,14 @@ def generate_completions(
         completion_ids = sequences[:, input_ids.size(1) :]
         completion_mask = completion_mask_from_eos(completion_ids, eos_ids)
         truncated = ~has_eos(completion_ids, eos_ids)
+        if stops is not None:
+            # A row stopped by a string ends with the token that completed it; after it comes padding (which, with
+            # pad == EOS, would otherwise read as an EOS) and it is not truncated
+            limit = torch.tensor([n if n is not None else completion_ids.size(1) for n in stops.stop_lengths])
+            positions = torch.arange(completion_ids.size(1)).unsqueeze(0)
+            completion_mask = completion_mask & (positions < limit.unsqueeze(1)).to(completion_mask.device)
+            stopped = torch.tensor([n is not None for n in stops.stop_lengths], device=truncated.device)
+            truncated = truncated & ~stopped
         if record_logprobs:
             per_token = recorder.per_token_logprobs(completion_ids)
             if per_token is None:

@@ -31,6 +31,8 @@ class GreedyEvaluation:
     # Completions on which the answer checker raised (each counted as wrong)
     checker_errors: int = 0
     wall_time_s: float | None = None
+    # Mean number of completion tokens (EOS or stop string included): log-prob rewards favour short answers
+    mean_length: float | None = None
 
 
 @dataclass
@@ -130,6 +132,10 @@ class SharpeningReport:
     settings: dict = field(default_factory=dict)
     wall_time_s: dict[str, float] = field(default_factory=dict)
     samples: SampleSet | None = field(default=None, repr=False)
+    # Mean completion length in tokens of all samples, and of the sample Best-of-n selects (per reward, per n); None /
+    # empty when the samples carry no token ids
+    mean_sample_length: float | None = None
+    best_of_n_length: dict[str, dict[int, float]] = field(default_factory=dict)
 
     @property
     def ns(self) -> list[int]:
@@ -166,7 +172,12 @@ class SharpeningReport:
         correct = [np.asarray(row, dtype=np.float64) for row in samples.correct]
         base_logprobs = [np.asarray(row, dtype=np.float64) for row in samples.base_logprobs]
         sample_accuracy = float(np.mean([row.mean() for row in correct]))
-        best_of_n, best_of_n_logprob = {}, {}
+        lengths = (
+            None
+            if samples.completion_ids is None
+            else [np.asarray([len(ids) for ids in row], dtype=np.float64) for row in samples.completion_ids]
+        )
+        best_of_n, best_of_n_logprob, best_of_n_length = {}, {}, {}
         for reward in samples.rewards:
             best_of_n[reward], best_of_n_logprob[reward] = {}, {}
             for n in ns:
@@ -175,6 +186,10 @@ class SharpeningReport:
                 best_of_n_logprob[reward][n] = float(
                     np.mean([w @ lp for w, lp in zip(weights, base_logprobs, strict=True)])
                 )
+                if lengths is not None:
+                    best_of_n_length.setdefault(reward, {})[n] = float(
+                        np.mean([w @ n_tokens for w, n_tokens in zip(weights, lengths, strict=True)])
+                    )
         gap = {
             reward: curve[num_samples] - sample_accuracy for reward, curve in best_of_n.items() if num_samples in curve
         }
@@ -202,6 +217,8 @@ class SharpeningReport:
             settings=dict(settings or {}),
             wall_time_s=dict(wall_time_s or {}),
             samples=samples,
+            mean_sample_length=None if lengths is None else float(np.mean([row.mean() for row in lengths])),
+            best_of_n_length=best_of_n_length,
         )
 
     def to_dict(self) -> dict:
@@ -220,6 +237,7 @@ class SharpeningReport:
                 "accuracy": self.greedy.accuracy,
                 "mean_base_logprob": self.greedy.mean_base_logprob,
                 "checker_errors": self.greedy.checker_errors,
+                "mean_length": self.greedy.mean_length,
             },
             "sample_accuracy": self.sample_accuracy,
             "mean_sample_base_logprob": self.mean_sample_base_logprob,
@@ -232,6 +250,8 @@ class SharpeningReport:
             "sharpened_fraction": self.sharpened_fraction,
             "mean_distinct_answers": self.mean_distinct_answers,
             "truncated_fraction": self.truncated_fraction,
+            "mean_sample_length": self.mean_sample_length,
+            "best_of_n_length": {reward: by_n(curve) for reward, curve in self.best_of_n_length.items()},
             "sample_checker_errors": self.sample_checker_errors,
             "num_generated": self.num_generated,
             "settings": self.settings,
@@ -318,6 +338,10 @@ def _fmt(value: float | None, sign: bool = False) -> str:
     return f"{value:+.3f}" if sign else f"{value:.3f}"
 
 
+def _fmt_tokens(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def format_report(report: SharpeningReport) -> str:
     """A readable plain-text summary of a `SharpeningReport` for the terminal."""
     n_max = report.num_samples
@@ -336,6 +360,17 @@ def format_report(report: SharpeningReport) -> str:
         ("distinct answers among N (mean)", f"{report.mean_distinct_answers:.2f}"),
         ("truncated samples", f"{100 * report.truncated_fraction:.1f}%"),
     ]
+    if report.greedy.mean_length is not None or report.mean_sample_length is not None:
+        # log-prob self-rewards favour short answers: show what each way of answering costs in tokens
+        lengths = [
+            f"greedy {_fmt_tokens(report.greedy.mean_length)}",
+            f"sample {_fmt_tokens(report.mean_sample_length)}",
+        ]
+        lengths += [
+            f"BoN@{n_max} {reward} {_fmt_tokens(curve.get(n_max))}"
+            for reward, curve in report.best_of_n_length.items()
+        ]
+        rows.append(("mean completion length (tokens)", ", ".join(lengths)))
     if report.greedy.checker_errors or report.sample_checker_errors:
         errors = report.greedy.checker_errors + report.sample_checker_errors
         rows.append(

