@@ -166,9 +166,9 @@ def test_majority_self_reward(toy_model, toy_tokenizer, prompts):
         (Dataset.from_dict({"question": ["1 + 1"]}), {}, "no `prompt` column; its columns are \\['question'\\]"),
         (Dataset.from_dict({"prompt": []}), {}, "empty"),
         ([], {}, "empty"),
-        (["Q : 1 + 1 = ?"], {"num_samples": 0}, "num_samples must be at least 1"),
+        (["Q : 1 + 1 = ?"], {"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
         (["Q : 1 + 1 = ?"], {"self_reward": "likelihood"}, "Unknown self-reward 'likelihood'. Valid names"),
-        (["Q : 1 + 1 = ?"], {"truncated_completions": "ignore"}, "Unknown truncated-completion policy"),
+        (["Q : 1 + 1 = ?"], {"truncated_completions": "ignore"}, "truncated_completions must be one of"),
         (["Q : 1 + 1 = ?"], {"adaptive_delta": 1.5}, "adaptive_delta must be in \\(0, 1\\)"),
         (
             ["Q : " + " + ".join(["1"] * 60) + " = ?"],

@@ -41,7 +41,11 @@ def test_bon_command_writes_a_dataset_and_resumes(tmp_path):
 def test_bon_command_reports_bad_arguments(tmp_path):
     out = run_cli("bon", "--model_name_or_path", TOY_MODEL_PATH, "--output_dir", str(tmp_path), "--dataset_name",
                   f"{TOY_DATA_DIR}/test.jsonl", "--num_samples", "0")  # fmt: skip
-    assert out.returncode != 0 and "num_samples must be at least 1" in out.stderr
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+        "trl-sharpen: error: num_samples must be an integer >= 1, got 0. Set N, the completions sampled per prompt, "
+        "e.g. 16."
+    )
+    assert "Traceback" not in out.stderr
     assert run_cli("bon", "--help").returncode == 0
     assert run_cli("nonsense").returncode == 2
 

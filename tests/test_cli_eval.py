@@ -24,7 +24,7 @@ def eval_args(*extra):
         "--model_name_or_path", TOY_MODEL_PATH,
         "--dataset_name", f"{TOY_DATA_DIR}/test.jsonl",
         "--num_prompts", "12",
-        "--max_new_tokens", "40",
+        "--max_completion_length", "40",
         *extra,
     ]  # fmt: skip
 
@@ -57,13 +57,25 @@ def test_eval_command_without_best_of_n_accepts_one_sample(capsys):
     assert "temperature-1 accuracy" in out and "BoN" not in out and "gap" not in out
 
 
+def error_line(capsys, argv) -> str:
+    """The one line a user sees for bad input (exit code 1, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("trl-sharpen: error: ")]
+    return line
+
+
 def test_eval_command_bad_input(tmp_path, capsys):
-    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
-        main(eval_args("--num_samples", "1"))
+    assert "at least 2 samples per prompt" in error_line(capsys, eval_args("--num_samples", "1"))
     no_answers = tmp_path / "no_answers.jsonl"
     Dataset.from_dict({"prompt": ["Q : 1 + 2 = ?"], "solution": ["3"]}).to_json(no_answers)
-    with pytest.raises(ValueError, match=r"expected a `answer` column.*\['prompt', 'solution'\]"):
-        main(["eval", "--model_name_or_path", TOY_MODEL_PATH, "--dataset_name", str(no_answers)])
+    line = error_line(capsys, ["eval", "--model_name_or_path", TOY_MODEL_PATH, "--dataset_name", str(no_answers)])
+    assert "expected a `answer` column" in line and "['prompt', 'solution']" in line
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):  # --debug: the exception itself
+        main([*eval_args("--num_samples", "1"), "--debug"])
     main(["eval", "--model_name_or_path", TOY_MODEL_PATH, "--dataset_name", str(no_answers), "--answer_column",
           "solution", "--num_samples", "2", "--max_new_tokens", "8", "--self_rewards", "logprob"])  # fmt: skip
     assert "1 prompts, N = 2 samples" in capsys.readouterr().out

@@ -7,20 +7,18 @@ arXiv 2412.01951): the base model's own sequence log-probability is the reward.
 __version__ = "0.1.0"
 
 from .answers import answers_match, extract_answer
-from .best_of_n_sampling import best_of_n
-from .data import load_prompts
-from .evaluation import evaluate_greedy, evaluate_sharpening
-from .generation import generate_completions
-from .logprobs import completion_mask_from_eos, sequence_logprobs
 from .metrics import pass_at_k
 from .report import SharpeningReport, lift_over_greedy
-from .self_rewards import SELF_REWARDS, SelfReward, get_self_reward, register_self_reward
+from .sampling_arguments import BestOfNSamplingArguments, GenerationArguments, SamplingArguments
 
 
 __all__ = [
+    "BestOfNSamplingArguments",
     "BoNSFTConfig",
+    "GenerationArguments",
     "BoNSFTTrainer",
     "SELF_REWARDS",
+    "SamplingArguments",
     "SelfReward",
     "SelfRewardDPOConfig",
     "SelfRewardDPOTrainer",
@@ -42,8 +40,20 @@ __all__ = [
     "sequence_logprobs",
 ]
 
-# Trainers import TRL's trainer stack (seconds): they load on first access, so `import trl_sharpen` stays light
+# Everything that imports torch, datasets or TRL's trainer stack (seconds) loads on first access, so that
+# `import trl_sharpen` and `trl-sharpen --help` stay light
 _LAZY_EXPORTS = {
+    "best_of_n": ".best_of_n_sampling",
+    "load_prompts": ".data",
+    "evaluate_greedy": ".evaluation",
+    "evaluate_sharpening": ".evaluation",
+    "generate_completions": ".generation",
+    "completion_mask_from_eos": ".logprobs",
+    "sequence_logprobs": ".logprobs",
+    "SELF_REWARDS": ".self_rewards",
+    "SelfReward": ".self_rewards",
+    "get_self_reward": ".self_rewards",
+    "register_self_reward": ".self_rewards",
     "BoNSFTConfig": ".bon_sft_config",
     "BoNSFTTrainer": ".bon_sft_trainer",
     "SelfRewardDPOConfig": ".self_reward_dpo_config",

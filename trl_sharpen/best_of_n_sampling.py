@@ -43,12 +43,12 @@ from tqdm.auto import tqdm
 from .data import ensure_pad_token, model_max_length, tokenize_prompts, validate_prompt_dataset
 from .fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
 from .generation import Completions, eval_mode, generate_completions, sampling_config, seeded
+from .sampling_arguments import BestOfNSamplingArguments, sampling_arguments
 from .self_rewards import MajorityReward, SelfReward, get_self_reward
 
 
 logger = logging.getLogger(__name__)
 
-TRUNCATION_POLICIES = ("keep", "penalize", "drop")
 RUN_FILE = "bon_run.json"
 SHARDS_DIR = "shards"
 
@@ -117,17 +117,6 @@ def select_best(
     return max(eligible, key=lambda i: rewards[i]), rewards
 
 
-def validate_best_of_n_args(num_samples: int, truncated_policy: str, adaptive_delta: float | None) -> None:
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1 (got {num_samples}): Best-of-N needs N >= 1 samples.")
-    if truncated_policy not in TRUNCATION_POLICIES:
-        raise ValueError(
-            f"Unknown truncated-completion policy {truncated_policy!r}; use one of {TRUNCATION_POLICIES}."
-        )
-    if adaptive_delta is not None and not 0.0 < adaptive_delta < 1.0:
-        raise ValueError(f"adaptive_delta must be in (0, 1), got {adaptive_delta}.")
-
-
 def check_output_dir_is_not_input(output_dir: Path, prompts: Dataset) -> None:
     """Refuse an output_dir that holds the input dataset's files: the final save would overwrite the prompts."""
     for cache_file in prompts.cache_files:
@@ -186,27 +175,17 @@ def best_of_n(
     model: torch.nn.Module,
     tokenizer,
     prompts: Dataset | Sequence,
-    num_samples: int = 16,
-    self_reward: str | Callable | SelfReward = "logprob",
+    num_samples: int | None = None,
+    self_reward: str | Callable | SelfReward | None = None,
     *,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int = 256,
-    generation_batch_size: int = 64,
-    truncated_completions: str = "keep",
-    truncation_penalty: float = 100.0,
-    adaptive_delta: float | None = None,
-    adaptive_round_size: int = 4,
-    answer_extractor: str | Callable | None = None,
+    sampling: BestOfNSamplingArguments | None = None,
     prompt_column: str = "prompt",
     base_logprobs_fn: BaseLogprobsFn | None = None,
     output_dir: str | os.PathLike | None = None,
-    shard_size: int = 64,
     overwrite: bool = False,
-    seed: int = 0,
     synced_gpus: bool | None = None,
     progress: bool = True,
+    **sampling_kwargs,
 ) -> Dataset:
     """Best-of-N sharpening: for each prompt sample N completions, score them with a self-reward, select the argmax.
 
@@ -216,40 +195,40 @@ def best_of_n(
         tokenizer: its tokenizer (a pad token is set to EOS, with a warning, when missing).
         prompts: a prompt-only `Dataset` (standard or conversational `prompt` column; other columns are kept), or a
             list of prompts (strings or message lists).
-        num_samples: N, completions per prompt (the maximum N under adaptive sampling).
-        self_reward: registry name (`logprob`, `normalized_logprob`, `majority`), callable, or `SelfReward`.
-        temperature, top_p, top_k: sampling parameters (defaults: plain sampling from pi_base, as in the paper).
-        max_new_tokens: completion length limit; completions that reach it without EOS are *truncated*.
-        generation_batch_size: sequences per `generate` call.
-        truncated_completions: `keep` (select as usual), `penalize` (subtract `truncation_penalty` from their
-            reward) or `drop` (never select them).
-        adaptive_delta: enables adaptive sampling (App. D) with mu = ln(2 / delta): a prompt stops as soon as
-            1 / max_j pi_base(y_j|x) <= k / mu after k samples, at most `num_samples`.
-        adaptive_round_size: samples drawn per still-active prompt per round of adaptive sampling.
-        answer_extractor: for `majority`: callable or `"module:function"` (default: last number or `\\boxed{}`).
+        sampling: the sampling settings, a `BestOfNSamplingArguments` (or any object with its fields, such as a
+            `BoNSFTConfig`): N, the self-reward, temperature / top-p / top-k, `max_completion_length`, the truncation
+            policy, adaptive sampling, `shard_size` and `seed`. Their meaning is documented once, in
+            `trl_sharpen.sampling_arguments`. Completions cut at `max_completion_length` are never selected while
+            the prompt has a complete one (see `select_best`). Each shard samples with `seed + shard index`, so
+            results do not depend on the number of ranks.
+        num_samples, self_reward, **sampling_kwargs: the same settings as keyword arguments (`temperature=0.7`,
+            `max_completion_length=128`, ...); they override `sampling` and are validated alike. Old names
+            (`max_new_tokens`, `generation_batch_size`) still work, with a `FutureWarning`.
         base_logprobs_fn: computes log pi_base(y|x) when `model` is not the base (e.g. sampling from a policy).
         output_dir: write shards and the final dataset here, and resume from it.
-        shard_size: prompts per shard (the unit of resumption and of the split across ranks).
         overwrite: discard results in `output_dir` generated with other arguments instead of refusing.
-        seed: sampling seed; each shard uses `seed + shard index`, so results do not depend on the number of ranks.
         synced_gpus: forwarded to `generate` (False when ZeRO-3 parameters are already gathered).
     """
-    validate_best_of_n_args(num_samples, truncated_completions, adaptive_delta)
+    sampling = sampling_arguments(
+        BestOfNSamplingArguments, sampling, num_samples=num_samples, self_reward=self_reward, **sampling_kwargs
+    )
+    num_samples, shard_size, seed = sampling.num_samples, sampling.shard_size, sampling.seed
+    max_new_tokens = sampling.max_completion_length
     if not isinstance(prompts, Dataset):
         validate_prompt_dataset(prompts)
         prompts = Dataset.from_dict({prompt_column: list(prompts)})
     validate_prompt_dataset(prompts, prompt_column)
     ensure_pad_token(tokenizer)
-    reward = get_self_reward(self_reward, answer_extractor=answer_extractor, model=model, tokenizer=tokenizer)
+    reward = get_self_reward(
+        sampling.self_reward, answer_extractor=sampling.answer_extractor, model=model, tokenizer=tokenizer
+    )
     if isinstance(reward, MajorityReward) and num_samples < MajorityReward.min_samples:
         raise ValueError(
             f"self_reward='majority' needs at least {MajorityReward.min_samples} samples per prompt, got "
             f"num_samples={num_samples}: with 2 samples the votes always tie (one answer: 1 and 1; two answers: 1/2 "
             "and 1/2), so Best-of-N would keep sample 0. Raise num_samples, or use self_reward='logprob'."
         )
-    generation_config = sampling_config(
-        model, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
-    )
+    generation_config = sampling_config(model, tokenizer, **sampling.generation_kwargs())
     prompt_ids = tokenize_prompts(
         tokenizer, prompts[prompt_column], max_new_tokens=max_new_tokens, max_length=model_max_length(model)
     )
@@ -262,19 +241,8 @@ def best_of_n(
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "prompts": dataset_fingerprint(prompts),  # content, not path + mtime: an edited file is not served stale
         "num_prompts": len(prompts),
-        "num_samples": num_samples,
-        "self_reward": reward.name,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "max_new_tokens": max_new_tokens,
-        "truncated_completions": truncated_completions,
-        "truncation_penalty": truncation_penalty,
-        "adaptive_delta": adaptive_delta,
-        "adaptive_round_size": adaptive_round_size if adaptive_delta is not None else None,
+        **sampling.fingerprint(reward.name),
         "base_model_is_sampler": base_logprobs_fn is None,
-        "shard_size": shard_size,
-        "seed": seed,
     }
     writer = _ShardWriter(output_dir, run, overwrite)
     features = Features({**prompts.features, **BON_FEATURES})
@@ -313,11 +281,11 @@ def best_of_n(
                     reward,
                     generation_config,
                     num_samples=num_samples,
-                    batch_size=generation_batch_size,
-                    truncated_policy=truncated_completions,
-                    truncation_penalty=truncation_penalty,
-                    adaptive_delta=adaptive_delta,
-                    adaptive_round_size=adaptive_round_size,
+                    batch_size=sampling.sampling_batch_size,
+                    truncated_policy=sampling.truncated_completions,
+                    truncation_penalty=sampling.truncation_penalty,
+                    adaptive_delta=sampling.adaptive_delta,
+                    adaptive_round_size=sampling.adaptive_round_size,
                     base_logprobs_fn=base_logprobs_fn,
                     synced_gpus=synced_gpus,
                     progress=bar,

@@ -40,6 +40,7 @@ class BoNSFTConfig(MonitoringArguments, SFTConfig, BestOfNSamplingArguments):
 
     # Best-of-N sampling: the fields of BestOfNSamplingArguments, with the paper's N as default
     num_samples: int = field_like(BestOfNSamplingArguments, "num_samples", default=50)
+    max_completion_length: int = field_like(BestOfNSamplingArguments, "max_completion_length", default=512)
     adaptive_sampling: bool | None = field(
         default=None,
         metadata={

@@ -142,7 +142,7 @@ class BoNSFTTrainer(SFTTrainer):
     $$\hat\pi = \arg\max_\pi \sum_i \log \pi(y_i^{BoN} \mid x_i), \qquad
     y_i^{BoN} = \arg\max_{j \le N} \log \pi_{base}(y_{i,j} \mid x_i), \quad y_{i,j} \sim \pi_{base}(\cdot \mid x_i)$$
 
-    (Huang et al. 2025, Sec. 2.1; with `adaptive_sampling`, N per prompt follows App. D). Same keyword signature as
+    (Huang et al. 2025, Sec. 2.1; with `adaptive_delta`, N per prompt follows App. D). Same keyword signature as
     `trl.SFTTrainer`; give a prompt-only `train_dataset` (TRL's standard or conversational `prompt` column) and a
     [`BoNSFTConfig`]. The Best-of-N data is generated in `__init__`, saved as a `datasets` dataset under
     `<output_dir>/bon_data` (reused, not regenerated, when the trainer is built again on the same output directory,
@@ -305,21 +305,9 @@ class BoNSFTTrainer(SFTTrainer):
                 model,
                 self._tokenizer_for_sampling,
                 self._prompts,
-                args.num_samples,
-                args.self_reward,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                max_new_tokens=args.max_completion_length,
-                generation_batch_size=args.generation_batch_size,
-                truncated_completions=args.truncated_completions,
-                truncation_penalty=args.truncation_penalty,
-                adaptive_delta=args.adaptive_delta if args.adaptive_sampling else None,
-                adaptive_round_size=args.adaptive_round_size,
-                answer_extractor=args.answer_extractor,
+                sampling=args,  # the config is a BestOfNSamplingArguments: its sampling fields, passed whole
                 base_logprobs_fn=base_logprobs_fn,
                 output_dir=output_dir,
-                shard_size=args.bon_shard_size,
                 # Later rounds sample from a policy that moved on since any partial shards were written
                 overwrite=round_index > 0,
                 # Distinct seeds per round; `best_of_n` adds the shard index
@@ -351,7 +339,7 @@ class BoNSFTTrainer(SFTTrainer):
                 with base_scoring_context(model) if base is None else contextlib.nullcontext():
                     scorer = model if base is None else base
                     return sequence_logprobs(
-                        scorer, prompt_ids, completion_ids, micro_batch_size=self.args.generation_batch_size
+                        scorer, prompt_ids, completion_ids, micro_batch_size=self.args.sampling_batch_size
                     ).tolist()
 
             yield model, base_logprobs
@@ -391,8 +379,9 @@ class BoNSFTTrainer(SFTTrainer):
                     "pi_base's own samples: regenerate the data with this model (`trl-sharpen bon`), or pass the "
                     "prompts and let the trainer sample them."
                 )
-        sampling = {"num_samples": self.args.num_samples, "temperature": self.args.temperature}
-        sampling.update(top_p=self.args.top_p, top_k=self.args.top_k, max_new_tokens=self.args.max_completion_length)
+        # The settings that shape the samples (not where they are stored or their seed)
+        sampling = self.args.fingerprint(run.get("self_reward"))
+        sampling = {k: v for k, v in sampling.items() if k not in ("self_reward", "shard_size", "seed")}
         differs = {k: run.get(k) for k, v in sampling.items() if run.get(k) != v}
         if differs:
             logger.warning(

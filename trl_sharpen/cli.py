@@ -3,10 +3,13 @@
     trl-sharpen bon --model_name_or_path trl_sharpen/toy/base_model --dataset_name trl_sharpen/toy/data \\
         --dataset_split test --num_samples 16 --output_dir outputs/bon
     trl-sharpen eval --model_name_or_path trl_sharpen/toy/base_model --dataset_name trl_sharpen/toy/data \\
-        --dataset_split test --num_samples 16 --max_new_tokens 48 --output_dir outputs/eval
+        --dataset_split test --num_samples 16 --max_completion_length 48 --output_dir outputs/eval
+    trl-sharpen convert gemma-3-270m
 
 Every sub-command takes `--config file.yaml` as well (TRL's `TrlParser`); run `trl-sharpen <command> --help` for
-its options. Under `accelerate launch -m trl_sharpen.cli bon ...` the prompts are split across processes.
+its options. Models load through TRL's `ModelConfig` (`--dtype`, `--attn_implementation`, `--load_in_4bit`, ...).
+Under `accelerate launch -m trl_sharpen.cli bon ...` the prompts are split across processes. Bad input gets one line,
+`trl-sharpen: error: ...`; `--debug` (or TRL_SHARPEN_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .best_of_n_sampling import TRUNCATION_POLICIES
+# Light imports only (standard library underneath): `trl-sharpen --help` must not load torch
+from .errors import check_output_dir, clear_errors
 from .real_models import ConvertArguments, resolve_model_name_or_path, run_convert
+from .sampling_arguments import BestOfNSamplingArguments, SamplingArguments, field_like
 
 
 @dataclass(kw_only=True)
@@ -48,6 +54,8 @@ class PromptDataArguments:
 
         if self.dataset_name is None:
             raise ValueError("Pass the prompts with --dataset_name (a file, a saved dataset or a dataset name).")
+        if self.answer_column is not None and self.answer_column == self.prompt_column:
+            raise ValueError(f"--answer_column and --prompt_column are both {self.answer_column!r}; name two columns.")
         prompts = load_prompts(self.dataset_name, self.dataset_split, self.prompt_column, self.dataset_config)
         if self.num_prompts is not None:
             prompts = prompts.select(range(min(self.num_prompts, len(prompts))))
@@ -57,112 +65,28 @@ class PromptDataArguments:
 
 
 @dataclass(kw_only=True)
-class BestOfNArguments(PromptDataArguments):
-    """Arguments of `trl-sharpen bon`: inference-time Best-of-N sharpening (Huang et al. 2025, App. C)."""
+class ModelSourceArguments:
+    """What TRL's `ModelConfig` (parsed next to these arguments) leaves out of model loading."""
 
-    model_name_or_path: str = field(
-        metadata={"help": "Model to sample from and score with (path, Hub id, .gguf file or model package)."}
-    )
-    output_dir: str = field(metadata={"help": "Where shards and the final `datasets` dataset are written."})
-    num_samples: int = field(default=16, metadata={"help": "N: completions sampled per prompt."})
-    self_reward: str = field(
-        default="logprob",
-        metadata={"help": "logprob, normalized_logprob, majority, or 'package.module:function'."},
-    )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper: 1.0)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0 = off)."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Maximum completion length (paper: 512)."})
-    generation_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call."})
-    truncated_completions: str = field(
-        default="keep",
-        metadata={
-            "help": "Completions without EOS are never selected while a complete one exists; when all are: keep or "
-            "penalize select the best prefix, drop selects none.",
-            "choices": list(TRUNCATION_POLICIES),
-        },
-    )
-    truncation_penalty: float = field(
-        default=100.0, metadata={"help": "Subtracted from the stored rewards of truncated completions (penalize)."}
-    )
-    adaptive_delta: float | None = field(
-        default=None, metadata={"help": "Enable adaptive sampling (App. D) with this delta in (0, 1)."}
-    )
-    adaptive_round_size: int = field(default=4, metadata={"help": "Samples per active prompt per adaptive round."})
-    answer_extractor: str | None = field(
-        default=None, metadata={"help": "'package.module:function' for the majority reward (default: last number)."}
-    )
-    answer_column: str | None = field(
-        default=None,
-        metadata={"help": "Column with reference answers: if set, print greedy and Best-of-N accuracy side by side."},
-    )
-    shard_size: int = field(default=64, metadata={"help": "Prompts per shard (unit of resumption)."})
-    overwrite: bool = field(default=False, metadata={"help": "Discard results from other arguments in output_dir."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
 
 
-def run_best_of_n(args: BestOfNArguments):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass(kw_only=True)
+class BestOfNArguments(PromptDataArguments, ModelSourceArguments, BestOfNSamplingArguments):
+    """Arguments of `trl-sharpen bon`: inference-time Best-of-N sharpening (Huang et al. 2025, App. C). The sampling
+    settings are `trl_sharpen.sampling_arguments.BestOfNSamplingArguments`; the model is TRL's `ModelConfig`."""
 
-    from .answers import answers_match, get_answer_extractor
-    from .best_of_n_sampling import best_of_n
-    from .distributed import distributed_state
-    from .evaluation import evaluate_greedy
-
-    prompts = args.load_prompts()
-    state = distributed_state()  # under `accelerate launch`: the shards are split across the processes
-    args.model_name_or_path = resolve_model_name_or_path(args.model_name_or_path)  # GGUF / package: converted folder
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code
-    ).to(state.device)
-    result = best_of_n(
-        model,
-        tokenizer,
-        prompts,
-        num_samples=args.num_samples,
-        self_reward=args.self_reward,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        generation_batch_size=args.generation_batch_size,
-        truncated_completions=args.truncated_completions,
-        truncation_penalty=args.truncation_penalty,
-        adaptive_delta=args.adaptive_delta,
-        adaptive_round_size=args.adaptive_round_size,
-        answer_extractor=args.answer_extractor,
-        output_dir=args.output_dir,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        seed=args.seed,
-    )
-    if state.is_main_process:
-        samples = sum(result["num_samples"])
-        print(f"Best-of-N: {len(result)} prompts, {samples} samples, saved to {args.output_dir}")
-        if args.answer_column is not None:
-            extractor = get_answer_extractor(args.answer_extractor)
-            answers = result[args.answer_column]
-            greedy = evaluate_greedy(model, tokenizer, result["prompt"], answers, max_new_tokens=args.max_new_tokens)
-            selected = result["selected_completion"]
-            bon = [c is not None and answers_match(c, a, extractor) for c, a in zip(selected, answers, strict=True)]
-            print(f"greedy accuracy:            {greedy.accuracy:.3f}")
-            print(f"BoN@{args.num_samples} accuracy ({args.self_reward}): {sum(bon) / len(bon):.3f}")
-    return result
+    output_dir: str = field(metadata={"help": "Where shards and the final `datasets` dataset are written."})
+    overwrite: bool = field(default=False, metadata={"help": "Discard results from other arguments in output_dir."})
 
 
 @dataclass(kw_only=True)
-class EvalArguments(PromptDataArguments):
+class EvalArguments(PromptDataArguments, ModelSourceArguments, SamplingArguments):
     """Arguments of `trl-sharpen eval`: greedy, temperature-1, BoN@n and pass@n accuracy, the generation-verification
-    gap, the sharpening error and answer diversity, from one set of N samples per prompt."""
+    gap, the sharpening error and answer diversity, from one set of N samples per prompt. The sampling settings are
+    `trl_sharpen.sampling_arguments.SamplingArguments`; the model is TRL's `ModelConfig` (`--model_name_or_path`: a
+    PEFT adapter folder is loaded with its base)."""
 
-    model_name_or_path: str = field(
-        metadata={"help": "Model to evaluate (path or Hub id); a PEFT adapter folder is loaded with its base."}
-    )
     base_model_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -170,11 +94,8 @@ class EvalArguments(PromptDataArguments):
             "itself, or the base of a PEFT adapter with the adapters disabled)."
         },
     )
-    dataset_split: str = field(default="test", metadata={"help": "Split to read when the dataset has several."})
-    answer_column: str = field(default="answer", metadata={"help": "Column holding the reference answers."})
-    num_samples: int = field(
-        default=16, metadata={"help": "N: completions sampled per prompt; smaller n are obtained by subsampling."}
-    )
+    dataset_split: str = field_like(PromptDataArguments, "dataset_split", default="test")
+    answer_column: str = field_like(PromptDataArguments, "answer_column", default="answer")
     self_rewards: list[str] = field(
         default_factory=lambda: ["logprob", "normalized_logprob", "majority"],
         metadata={"help": "Self-rewards for Best-of-N (names or 'package.module:function'); 'none' for no BoN."},
@@ -185,82 +106,177 @@ class EvalArguments(PromptDataArguments):
             "help": "'package.module:function(completion, reference) -> bool' (default: extracted answer == reference)."
         },
     )
-    answer_extractor: str | None = field(
-        default=None,
-        metadata={"help": "'package.module:function' extracting the final answer (default: last number)."},
-    )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper: 1.0)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0 = off)."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Maximum completion length (paper: 512)."})
-    generation_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call."})
     output_dir: str | None = field(
         default=None,
         metadata={"help": "Write report.json, samples.jsonl and the PNG plots here (default: print only)."},
     )
     plots: bool = field(default=True, metadata={"help": "Draw the PNG plots into output_dir (needs matplotlib)."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16 or float32."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
 
 
-def run_eval(args: EvalArguments):
-    from pathlib import Path
+# Model loading: one place for every sub-command -----------------------------------------------------------------------
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_model_path(name_or_path: str | None, option: str = "--model_name_or_path") -> str:
+    """The one place where the CLI turns a model argument into what `from_pretrained` loads: a GGUF file, an
+    installed model package or a short name becomes its converted float folder (`trl_sharpen.real_models`); a local
+    folder must hold a model (checked here, before transformers asks for unrelated packages)."""
+    if not name_or_path:
+        raise ValueError(
+            f"Pass the model with {option}: a folder written by save_pretrained, a .gguf file, an installed model "
+            "package or a Hub id."
+        )
+    resolved = str(resolve_model_name_or_path(name_or_path))
+    path = Path(resolved).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise ValueError(
+                f"{option} {name_or_path} is a folder without a model (no config.json or adapter_config.json): pass "
+                "a folder written by save_pretrained, a .gguf file, an installed model package or a Hub id."
+            )
+    elif path.exists():
+        raise ValueError(f"{option} {name_or_path} is a file but not a .gguf model: pass a model folder or a Hub id.")
+    elif name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
+        raise ValueError(f"{option} {name_or_path} does not exist: pass an existing model folder, or a Hub id.")
+    return resolved
+
+
+def check_model_config(model_args) -> None:
+    """`ModelConfig` fields that do not apply to sampling, or values that a YAML file slipped past argparse."""
+    if model_args.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {model_args.dtype!r} (fp16 is `float16`).")
+    if model_args.use_peft:
+        raise ValueError(
+            "--use_peft adds a new adapter for training; bon and eval sample from a model as it is. Pass a trained "
+            "adapter folder as --model_name_or_path instead (it is loaded with its base)."
+        )
+
+
+def device():
+    """The device rule of every sub-command: accelerate's, i.e. this process's GPU under `accelerate launch`, else
+    the GPU if there is one, else the CPU."""
+    from .distributed import distributed_state
+
+    return distributed_state().device
+
+
+def load_model(model_args, path: str, trust_remote_code: bool):
+    """A causal LM (or a PEFT adapter with its base) from TRL's `ModelConfig` loading options, on `device()`
+    (quantized models are placed by their device map)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+    from trl import get_quantization_config
 
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    quantization_config = get_quantization_config(model_args)
+    kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+    }
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map={"": str(device())})
+    if (Path(path) / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model if quantization_config is not None else model.to(device())
+
+
+def load_tokenizer(model, path: str, model_args, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    if hasattr(model, "peft_config") and not (Path(path) / "tokenizer_config.json").is_file():
+        path = model.peft_config[model.active_adapter].base_model_name_or_path  # adapters often ship none
+    return AutoTokenizer.from_pretrained(path, revision=model_args.model_revision, trust_remote_code=trust_remote_code)
+
+
+# Sub-commands ---------------------------------------------------------------------------------------------------------
+
+
+def run_best_of_n(args: BestOfNArguments, model_args):
+    from .answers import answers_match, get_answer_extractor
+    from .best_of_n_sampling import best_of_n
+    from .distributed import distributed_state
+    from .evaluation import evaluate_greedy
+    from .self_rewards import get_self_reward
+
+    # Everything that can be checked is checked before the model loads and the sampling starts
+    check_model_config(model_args)
+    check_output_dir(args.output_dir)
+    get_self_reward(args.self_reward)  # an unknown name or 'module:function' path
+    extractor = get_answer_extractor(args.answer_extractor)
+    prompts = args.load_prompts()
+    if args.answer_column is not None and args.answer_column not in prompts.column_names:
+        raise ValueError(
+            f"--answer_column {args.answer_column!r} is not a column of {args.dataset_name} (columns: "
+            f"{prompts.column_names}); name the column with the reference answers, or leave --answer_column unset."
+        )
+    path = resolve_model_path(model_args.model_name_or_path)
+    state = distributed_state()  # under `accelerate launch`: the shards are split across the processes
+    model = load_model(model_args, path, args.trust_remote_code)
+    tokenizer = load_tokenizer(model, path, model_args, args.trust_remote_code)
+    result = best_of_n(model, tokenizer, prompts, sampling=args, output_dir=args.output_dir, overwrite=args.overwrite)
+    if state.is_main_process:
+        samples = sum(result["num_samples"])
+        print(f"Best-of-N: {len(result)} prompts, {samples} samples, saved to {args.output_dir}")
+        if args.answer_column is not None:
+            answers = result[args.answer_column]
+            greedy = evaluate_greedy(
+                model,
+                tokenizer,
+                result["prompt"],
+                answers,
+                # the same answer extractor as Best-of-N's, so the two accuracies compare like with like
+                checker=lambda completion, reference: answers_match(completion, reference, extractor),
+                max_new_tokens=args.max_completion_length,
+                stop_strings=args.stop_strings,
+            )
+            selected = result["selected_completion"]
+            bon = [c is not None and answers_match(c, a, extractor) for c, a in zip(selected, answers, strict=True)]
+            print(f"greedy accuracy:            {greedy.accuracy:.3f}")
+            print(f"BoN@{args.num_samples} accuracy ({args.self_reward}): {sum(bon) / len(bon):.3f}")
+    return result
+
+
+def run_eval(args: EvalArguments, model_args):
     from .evaluation import evaluate_sharpening, reference_answers
     from .metrics import validate_sample_count
     from .report import format_report
 
+    check_model_config(model_args)
+    check_output_dir(args.output_dir)
     self_rewards = [] if [r.lower() for r in args.self_rewards] == ["none"] else list(args.self_rewards)
     validate_sample_count(args.num_samples, self_rewards)  # before loading anything
     prompts = args.load_prompts()
     answers = reference_answers(prompts, args.answer_column)  # fail before loading a model
-    # A GGUF file or model package: its converted float folder (converted once, cached)
-    args.model_name_or_path = resolve_model_name_or_path(args.model_name_or_path)
-    args.base_model_name_or_path = resolve_model_name_or_path(args.base_model_name_or_path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    load = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
-    is_adapter = (Path(args.model_name_or_path) / "adapter_config.json").is_file()
-    if is_adapter:
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(args.model_name_or_path, **load)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **load)
-    model.to(device)
+    path = resolve_model_path(model_args.model_name_or_path)
+    base_path = None
     if args.base_model_name_or_path is not None:
-        base_model = AutoModelForCausalLM.from_pretrained(args.base_model_name_or_path, **load).to(device)
+        base_path = resolve_model_path(args.base_model_name_or_path, "--base_model_name_or_path")
+    model = load_model(model_args, path, args.trust_remote_code)
+    is_adapter = hasattr(model, "peft_config")
+    if base_path is not None:
+        base_model = load_model(model_args, base_path, args.trust_remote_code)
     else:
         base_model = model if is_adapter else None  # an adapter's base: the same weights with adapters disabled
-    tokenizer_path = args.model_name_or_path
-    if is_adapter and not (Path(tokenizer_path) / "tokenizer_config.json").is_file():
-        tokenizer_path = model.peft_config[model.active_adapter].base_model_name_or_path  # adapters often ship none
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(model, path, model_args, args.trust_remote_code)
     report = evaluate_sharpening(
         model,
         tokenizer,
         prompts["prompt"],
         answers,
-        num_samples=args.num_samples,
+        sampling=args,
         checker=args.checker,
-        answer_extractor=args.answer_extractor,
         base_model=base_model,
         self_rewards=self_rewards,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.generation_batch_size,
-        seed=args.seed,
     )
-    report.model_name = args.model_name_or_path
-    report.base_model_name = args.base_model_name_or_path or (
-        f"{args.model_name_or_path} with adapters disabled" if is_adapter else args.model_name_or_path
-    )
+    report.model_name = path
+    report.base_model_name = base_path or (f"{path} with adapters disabled" if is_adapter else path)
     report.settings.update(dataset=args.dataset_name, split=args.dataset_split)
     print(format_report(report), flush=True)
     if args.output_dir is not None:
@@ -277,15 +293,27 @@ def run_eval(args: EvalArguments):
     return report
 
 
+def _with_model_config(*classes):
+    from trl import ModelConfig
+
+    return (*classes, ModelConfig)
+
+
 COMMANDS = {
-    "bon": (BestOfNArguments, run_best_of_n),
-    "eval": (EvalArguments, run_eval),
-    "convert": (ConvertArguments, run_convert),
+    "bon": ((BestOfNArguments,), run_best_of_n),
+    "eval": ((EvalArguments,), run_eval),
+    "convert": ((ConvertArguments,), run_convert),
 }
+MODEL_COMMANDS = ("bon", "eval")  # parsed with TRL's ModelConfig
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with clear_errors(argv=argv):
+        _main(argv)
+
+
+def _main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         print(f"\ncommands: {', '.join(COMMANDS)}")
@@ -299,13 +327,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("trl_sharpen").setLevel(logging.INFO)
     from trl import TrlParser
 
-    arguments_class, run = COMMANDS[argv[0]]
-    positional = getattr(arguments_class, "positional_argument", None)  # e.g. `trl-sharpen convert FILE`
+    classes, run = COMMANDS[argv[0]]
+    positional = getattr(classes[0], "positional_argument", None)  # e.g. `trl-sharpen convert FILE`
     if positional and len(argv) > 1 and not argv[1].startswith("-"):
         argv = [argv[0], f"--{positional}", *argv[1:]]
-    parser = TrlParser(arguments_class, prog=f"trl-sharpen {argv[0]}")
-    (args,) = parser.parse_args_and_config(argv[1:])
-    run(args)
+    if argv[0] in MODEL_COMMANDS:
+        classes = _with_model_config(*classes)
+    parser = TrlParser(classes, prog=f"trl-sharpen {argv[0]}")
+    if argv[0] in MODEL_COMMANDS:
+        parser.set_defaults(dtype="auto")  # the checkpoint's own dtype (TRL's scripts default to float32)
+    run(*parser.parse_args_and_config(argv[1:]))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from .generation import eval_mode, generate_completions, sampling_config, seeded
 from .logprobs import sequence_logprobs
 from .metrics import validate_sample_count
 from .report import GreedyEvaluation, SampleSet, SharpeningReport
+from .sampling_arguments import SamplingArguments, sampling_arguments
 from .self_rewards import MajorityReward, SelfReward, base_scoring_context, get_self_reward
 
 
@@ -73,6 +74,7 @@ def evaluate_greedy(
     base_model: torch.nn.Module | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 64,
+    stop_strings: Sequence[str] | None = None,
 ) -> GreedyEvaluation:
     """Greedy-decode every prompt, check it against its reference answer, and score it under the base model.
 
@@ -80,13 +82,22 @@ def evaluate_greedy(
         base_model: pi_base for the log-likelihood of the greedy outputs; a PEFT model is scored with its adapters
             disabled, so pass the LoRA policy itself to score under its base.
         checker: `checker(completion, reference) -> bool`. A checker that raises counts the sample as wrong.
+        stop_strings: end a completion at the token that completes one of these strings (few-shot prompts).
     """
     start = time.perf_counter()
     ensure_pad_token(tokenizer)
     prompt_ids = tokenize_prompts(tokenizer, prompts, max_new_tokens, model_max_length(model))
     config = sampling_config(model, tokenizer, do_sample=False, max_new_tokens=max_new_tokens)
     with eval_mode(model):
-        greedy = generate_completions(model, prompt_ids, config, batch_size=batch_size, record_logprobs=False)
+        greedy = generate_completions(
+            model,
+            prompt_ids,
+            config,
+            batch_size=batch_size,
+            record_logprobs=False,
+            tokenizer=tokenizer,
+            stop_strings=stop_strings,
+        )
     texts = tokenizer.batch_decode(greedy.completion_ids, skip_special_tokens=True)
     correct, checker_errors = check_answers(checker, texts, answers)
     mean_base_logprob = None
@@ -101,6 +112,7 @@ def evaluate_greedy(
         correct=correct,
         checker_errors=checker_errors,
         wall_time_s=time.perf_counter() - start,
+        mean_length=sum(map(len, greedy.completion_ids)) / len(greedy.completion_ids),
     )
 
 
@@ -146,22 +158,25 @@ def evaluate_sharpening(
     tokenizer,
     prompts,
     answers: Sequence | None = None,
-    num_samples: int = 16,
+    num_samples: int | None = None,
     *,
+    sampling: SamplingArguments | None = None,
     checker: str | AnswerChecker | None = None,
     answer_extractor: str | AnswerExtractor | None = None,
     base_model: torch.nn.Module | None = None,
     self_rewards: Sequence[str | Callable | SelfReward] = DEFAULT_SELF_REWARDS,
     ns: Sequence[int] | None = None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int = 256,
-    batch_size: int = 64,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
     scoring_batch_size: int = 16,
     prompt_column: str = "prompt",
     answer_column: str = "answer",
-    seed: int = 0,
+    seed: int | None = None,
+    stop_strings: Sequence[str] | None = None,
+    **sampling_kwargs,
 ) -> SharpeningReport:
     """Greedy-decode each prompt and sample N completions from `model`, then report every sharpening metric from
     those samples (see `SharpeningReport`; BoN@n and pass@n for n < N by exact subsampling).
@@ -182,13 +197,33 @@ def evaluate_sharpening(
         self_rewards: self-rewards to run Best-of-N with (registry names, callables or `SelfReward`s); `()` for
             greedy, temperature-1 and pass@n only. Needs num_samples >= 2.
         ns: subset sizes for the curves (default 1, 2, 4, ..., N).
-        temperature, top_p, top_k: sampling parameters (paper: plain sampling at temperature 1, App. A.4).
-        max_new_tokens: completion length limit for greedy and sampled completions (truncated completions are kept).
-        batch_size: sequences per `generate` call; scoring_batch_size: sequences per forward when scoring under a
-            separate base model.
-        seed: sampling seed (the global RNG state is restored afterwards).
+        sampling: the sampling settings as a whole (`trl_sharpen.sampling_arguments.SamplingArguments`, or any
+            object with its fields): num_samples, temperature / top_p / top_k (paper: plain sampling at temperature
+            1, App. A.4), max_completion_length (greedy and sampled completions; truncated ones are kept),
+            stop_strings (greedy and sampled completions end at the token that completes one; the scores cover
+            exactly the tokens up to and including it), sampling_batch_size, answer_extractor and seed (the global
+            RNG state is restored afterwards).
+        num_samples, temperature, top_p, top_k, seed, stop_strings, answer_extractor, **sampling_kwargs: the same
+            settings as keyword arguments, overriding `sampling`; `max_new_tokens` and `batch_size` are the old
+            names of max_completion_length and sampling_batch_size (FutureWarning).
+        scoring_batch_size: sequences per forward when scoring under a separate base model.
     """
     timer = {"start": time.perf_counter()}
+    # One validation for every entry point: the sampling settings as a whole `SamplingArguments` (keyword arguments
+    # override it; the old names max_new_tokens / batch_size still work, with a FutureWarning)
+    sampling = sampling_arguments(
+        SamplingArguments, sampling, num_samples=num_samples, answer_extractor=answer_extractor,
+        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        seed=seed, stop_strings=stop_strings, **sampling_kwargs,
+    )  # fmt: skip
+    num_samples, answer_extractor, seed = sampling.num_samples, sampling.answer_extractor, sampling.seed
+    temperature, top_p, top_k, stop_strings = (
+        sampling.temperature,
+        sampling.top_p,
+        sampling.top_k,
+        sampling.stop_strings,
+    )
+    max_new_tokens, batch_size = sampling.max_completion_length, sampling.sampling_batch_size
     self_rewards = list(self_rewards)
     validate_sample_count(num_samples, [getattr(r, "__name__", r) for r in self_rewards])
     if hasattr(prompts, "column_names"):
@@ -221,6 +256,7 @@ def evaluate_sharpening(
         base_model=scorer,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        stop_strings=stop_strings,
     )
     timer["greedy"] = time.perf_counter()
 
@@ -232,7 +268,14 @@ def evaluate_sharpening(
         # The long part of an evaluation (N samples per prompt): a progress bar, like Best-of-N sampling
         with tqdm(total=len(prompt_ids) * num_samples, desc="Sampling for evaluation", unit="sample") as bar:
             sampled = generate_completions(
-                model, prompt_ids, config, num_samples=num_samples, batch_size=batch_size, progress=bar
+                model,
+                prompt_ids,
+                config,
+                num_samples=num_samples,
+                batch_size=batch_size,
+                progress=bar,
+                tokenizer=tokenizer,
+                stop_strings=stop_strings,
             )
     timer["sampling"] = time.perf_counter()
 
@@ -282,6 +325,7 @@ def evaluate_sharpening(
         "top_p": top_p,
         "top_k": top_k,
         "max_new_tokens": max_new_tokens,
+        "stop_strings": list(stop_strings) if stop_strings else None,
         "seed": seed,
         "self_rewards": list(rewards),
         "base_is_model": base_model is None,

@@ -83,7 +83,7 @@ class GenerationArguments:
     )
     top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 is off (paper: off)."})
     max_completion_length: int = field(
-        default=512,
+        default=256,
         metadata={
             "help": "Maximum number of sampled tokens per completion (paper App. A: 512); a completion that reaches "
             "it without EOS is truncated. Formerly `max_new_tokens`."

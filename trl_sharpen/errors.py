@@ -1,0 +1,82 @@
+"""Bad input at the command line: one line, `trl-sharpen: error: <what is wrong and how to fix it>`, no traceback.
+
+Used by `trl-sharpen` and by the `__main__` blocks of `recipes/*.py`. `--debug` (a bare flag, first removed from the
+arguments) or `TRL_SHARPEN_DEBUG=1` lets the exception through with its traceback. Only the errors that describe the
+input are shortened (ValueError, OSError: missing or unreadable files, ImportError: a missing optional package); any
+other exception is a bug and keeps its traceback. Standard library only: `trl-sharpen --help` must stay light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+DEBUG_ENV = "TRL_SHARPEN_DEBUG"
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def pop_debug_flag(argv: list[str]) -> bool:
+    """Remove a bare `--debug` from `argv` (in place); `--debug <value>` is left alone (TrainingArguments has a
+    `--debug` option of its own that takes a value)."""
+    found = False
+    for i in reversed(range(len(argv))):
+        if argv[i] == "--debug" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            del argv[i]
+            found = True
+    return found
+
+
+def debug_requested(argv: list[str] | None = None) -> bool:
+    return pop_debug_flag(sys.argv if argv is None else argv) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def clear_errors(prog: str = "trl-sharpen", argv: list[str] | None = None):
+    """Print a user error as one line and exit 1; with `--debug` / `TRL_SHARPEN_DEBUG=1`, re-raise it."""
+    debug = debug_requested(argv)
+    try:
+        yield
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        message = str(error).strip() or type(error).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def check_output_dir(path: str | os.PathLike | None, option: str = "output_dir") -> None:
+    """Refuse, before any work, an output directory that is a file or cannot be written (probed by creating a file:
+    permission bits do not tell for root or read-only mounts)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a directory: pass a folder path (it is created if missing).")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path} cannot be created: {existing} is a file. Pass a folder path.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"{option} {path} is not writable ({existing}: {error.strerror or error}). Pass a folder you can write to."
+        ) from error
+
+
+def check_resume_from_checkpoint(value) -> None:
+    """A checkpoint folder given to `resume_from_checkpoint` must exist, checked before Best-of-N sampling or model
+    loading rather than when training starts."""
+    if not isinstance(value, (str, os.PathLike)) or str(value).lower() in ("true", "false", ""):
+        return  # unset, or True: the trainer looks for the last checkpoint in output_dir
+    if not Path(value).is_dir():
+        raise ValueError(
+            f"resume_from_checkpoint {value} does not exist or is not a folder: pass a checkpoint folder "
+            "(<output_dir>/checkpoint-<step>), or true to resume from the last checkpoint in output_dir."
+        )
