@@ -39,6 +39,7 @@ from .bon_sft_config import BoNSFTConfig
 from .data import is_saved_dataset, validate_prompt_dataset
 from .fingerprints import model_fingerprint, tokenizer_fingerprint
 from .logprobs import sequence_logprobs
+from .monitoring import SharpeningMonitorMixin, is_prompt_only
 from .paper import SHARPENING_PAPER
 from .real_models import resolve_model_name_or_path
 from .report_tables import log_table
@@ -136,7 +137,7 @@ class _RegenerateCallback(TrainerCallback):
         self.trainer._load_round(epoch // args.regenerate_every_epochs)
 
 
-class BoNSFTTrainer(SFTTrainer):
+class BoNSFTTrainer(SharpeningMonitorMixin, SFTTrainer):
     r"""SFT-Sharpening: SFT on the Best-of-N completion of each prompt, ranked by a self-reward of the base model.
 
     $$\hat\pi = \arg\max_\pi \sum_i \log \pi(y_i^{BoN} \mid x_i), \qquad
@@ -154,7 +155,9 @@ class BoNSFTTrainer(SFTTrainer):
     the self-reward under pi_base (adapter-disabled model with PEFT, otherwise a frozen copy of the base).
 
     Metrics (besides SFT's own): `bon/selected_reward`, `bon/reward_gap`, `bon/samples_per_prompt` and, when
-    `answer_extractor` is set, `bon/distinct_answers` (see `bon_metrics`), logged once per round of data.
+    `answer_extractor` is set, `bon/distinct_answers` (see `bon_metrics`), logged once per round of data. A
+    prompt-only `eval_dataset` gets the label-free sharpening metrics (`eval_objective` = J_beta, ...; see
+    `trl_sharpen.monitoring`); pi_base is then kept as a frozen copy (with PEFT: the adapter-disabled model).
     """
 
     _tag_names = ["trl", "trl-sharpen", "sft-sharpening"]
@@ -225,10 +228,10 @@ class BoNSFTTrainer(SFTTrainer):
             self._use_round(0, train_dataset)
         else:
             self._load_round(0)
-        # Full fine-tuning samples from the policy in later rounds but still ranks by pi_base: keep a frozen copy
-        self._frozen_base = (
-            self._copy_base_model() if args.sampling_policy == "current" and not is_peft_model(self.model) else None
-        )
+        # Full fine-tuning samples from the policy in later rounds but still ranks by pi_base, and monitoring scores
+        # by pi_base: keep a frozen copy
+        needs_base = args.sampling_policy == "current" or eval_dataset is not None
+        self._frozen_base = self._copy_base_model() if needs_base and not is_peft_model(self.model) else None
         if args.sampling_policy == "current":
             self.train_dataset = _SwappableDataset(self.train_dataset)
             self.add_callback(_RegenerateCallback(self))
@@ -247,6 +250,8 @@ class BoNSFTTrainer(SFTTrainer):
         columns = set(getattr(dataset, "column_names", None) or [])
         if is_bon_dataset(dataset):
             dataset = selected_sequences(dataset)
+        elif is_prompt_only(dataset) and dataset_name.startswith("eval"):
+            return dataset  # held-out prompts for the sharpening metrics (`trl_sharpen.monitoring`)
         elif "prompt" in columns and "completion" not in columns:
             raise ValueError(
                 f"The {dataset_name} dataset is prompt-only, but evaluation needs completions to score the SFT loss "
@@ -343,6 +348,32 @@ class BoNSFTTrainer(SFTTrainer):
                     ).tolist()
 
             yield model, base_logprobs
+
+    @contextlib.contextmanager
+    def _monitoring_model(self, from_base: bool):
+        """For `trainer.evaluate()` on prompts (`trl_sharpen.monitoring`): the policy, or pi_base (the frozen copy, or
+        the adapter-disabled policy with PEFT), unwrapped and in eval mode."""
+        with unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator, gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+        ) as model:
+            was_training = model.training
+            model.eval()
+            try:
+                if from_base and self._frozen_base is not None:
+                    base = self.accelerator.unwrap_model(self._frozen_base)
+                    gather = contextlib.nullcontext()
+                    if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                        # the frozen copy is sharded like the policy: gather it, as for the policy
+                        import deepspeed
+
+                        gather = deepspeed.zero.GatheredParameters(list(base.parameters()))
+                    with gather:
+                        yield base
+                else:
+                    with base_scoring_context(model) if from_base else contextlib.nullcontext():
+                        yield model
+            finally:
+                model.train(was_training)
 
     def _copy_base_model(self) -> torch.nn.Module:
         """A frozen pi_base for ranking samples of the full-fine-tuned policy (costs one more copy of the weights;

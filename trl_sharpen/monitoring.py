@@ -107,11 +107,7 @@ class MonitoringArguments:
             "`eval_objective`. null: the config's `beta` (DPO, XPO), or 0.1 for configs without one (SFT)."
         },
     )
-    eval_max_new_tokens: int | None = field(
-        default=None,
-        metadata={"help": "Length limit of evaluation completions. null: `max_completion_length`."},
-    )
-    eval_answer_column: str | None = field(
+    eval_reference_column: str | None = field(
         default="answer",
         metadata={
             "help": "Column of reference answers in `eval_dataset`; when the rows have it, greedy and BoN@k accuracy "
@@ -149,7 +145,7 @@ class MonitoringArguments:
     )
 
     def __post_init__(self):
-        for name in ("eval_num_samples", "eval_num_prompts", "eval_max_new_tokens"):
+        for name in ("eval_num_samples", "eval_num_prompts"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
@@ -382,8 +378,8 @@ class SharpeningMonitorMixin:
         rows = len(dataset) if args.eval_num_prompts is None else min(args.eval_num_prompts, len(dataset))
         dataset = dataset.select(range(rows))
         answers = None
-        if args.eval_answer_column and args.eval_answer_column in dataset.column_names:
-            answers = list(dataset[args.eval_answer_column])
+        if args.eval_reference_column and args.eval_reference_column in dataset.column_names:
+            answers = list(dataset[args.eval_reference_column])
         extractor = get_answer_extractor(getattr(args, "answer_extractor", None))
         checker = get_answer_checker(args.eval_checker, extractor) if answers is not None else None
         # Each process takes an equal share (padded by repeating its last prompt, so that every process runs the same
@@ -393,7 +389,7 @@ class SharpeningMonitorMixin:
         indices = list(range(rank * share, min((rank + 1) * share, rows))) or [rows - 1]
         indices += [indices[-1]] * (share - len(indices))
         prompts = dataset.select(indices)["prompt"]
-        max_new_tokens = args.eval_max_new_tokens or args.max_completion_length
+        max_new_tokens = args.max_completion_length  # the training length limit, so clipped_ratio means the same
         if getattr(args, "reanchor_steps", 0):
             self._base_greedy_cache.clear()  # pi_base moves with re-anchoring
         cached = len(self._base_greedy_cache)

@@ -7,6 +7,8 @@ from typing import Any
 
 from trl import DPOConfig
 
+from .monitoring import MonitoringArguments
+
 
 SHARPEN_LOSS = "sharpen"
 SAMPLE_FROM = ("policy", "base")
@@ -14,7 +16,7 @@ TIE_HANDLING = ("skip", "keep")
 
 
 @dataclass
-class SelfRewardDPOConfig(DPOConfig):
+class SelfRewardDPOConfig(MonitoringArguments, DPOConfig):
     r"""Configuration for [`SelfRewardDPOTrainer`]: RLHF-Sharpening (Huang et al. 2025, Sec. 2.2 / 4.2) in online
     DPO form.
 

@@ -38,6 +38,7 @@ from trl.trainer.utils import get_config_model_id, print_prompt_completions_samp
 from .data import is_conversational_prompt, tokenize_prompt, validate_prompt_dataset
 from .generation import Completions, eval_mode, generate_completions, sampling_config
 from .logprobs import sequence_logprobs
+from .monitoring import SharpeningMonitorMixin
 from .pairs import PairSelection, select_pairs
 from .paper import SHARPENING_PAPER
 from .real_models import resolve_model_name_or_path
@@ -79,7 +80,7 @@ def _context_length(model: str | PreTrainedModel, args) -> int | None:
     return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
-class SelfRewardDPOTrainer(DPOTrainer):
+class SelfRewardDPOTrainer(SharpeningMonitorMixin, DPOTrainer):
     r"""RLHF-Sharpening with TRL's DPO losses: online pairs ranked by a self-reward, reference = pi_base.
 
     Same keyword signature as `trl.DPOTrainer`, with a prompt-only `train_dataset` (TRL's standard or conversational
@@ -95,7 +96,8 @@ class SelfRewardDPOTrainer(DPOTrainer):
     self-reward of the trained pairs), `self_reward/margin` (their mean difference), `self_reward/ties_skipped`
     (pairs skipped as ties per step, all processes), `self_reward/sharpen_loss` (with the sharpen loss),
     `completions/mean_length` (tokens) and `completions/clipped_ratio` (share of samples cut at
-    `max_completion_length`).
+    `max_completion_length`). A prompt-only `eval_dataset` gets the label-free sharpening metrics (`eval_objective`
+    = J_beta, ...; see `trl_sharpen.monitoring`) instead of DPO's pair loss.
     """
 
     _tag_names = ["trl", "trl-sharpen", "rlhf-sharpening"]
@@ -327,6 +329,10 @@ class SelfRewardDPOTrainer(DPOTrainer):
         ) as model:
             with eval_mode(model), self._base_adapter(model) if from_base else contextlib.nullcontext():
                 yield model
+
+    def _monitoring_model(self, from_base: bool):
+        """For `trainer.evaluate()` on prompts (`trl_sharpen.monitoring`): the policy or pi_base, as for sampling."""
+        return self._generation_model(from_base)
 
     def _generate(self, prompt_ids: list[list[int]], num_samples: int, from_base: bool) -> Completions:
         """`num_samples` completions per prompt (prompt-major); from pi_base they carry log pi_base(y|x)."""

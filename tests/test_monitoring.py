@@ -1,0 +1,288 @@
+"""Label-free sharpening metrics in `trainer.evaluate()` (trl_sharpen.monitoring), checked against direct computations
+on the toy base, and best-iterate selection through the Trainer's own `load_best_model_at_end`."""
+
+import contextlib
+import copy
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback
+
+from trl_sharpen import (
+    BoNSFTConfig,
+    BoNSFTTrainer,
+    SelfRewardDPOConfig,
+    SelfRewardDPOTrainer,
+    XPOConfig,
+    XPOTrainer,
+)
+from trl_sharpen.answers import answers_match, extract_answer
+from trl_sharpen.data import tokenize_prompt
+from trl_sharpen.generation import generate_completions, sampling_config, seeded
+from trl_sharpen.logprobs import sequence_logprobs
+from trl_sharpen.monitoring import (
+    CollapseAlarmCallback,
+    PromptRecord,
+    aggregate,
+    measure_prompts,
+    sharpening_error_against_base,
+)
+from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
+
+from .trainer_args import cpu_test_args
+
+
+LABEL_FREE = {
+    "eval_objective",
+    "eval_base_logprob",
+    "eval_kl",
+    "eval_entropy",
+    "eval_greedy_base_logprob",
+    "eval_sharpening_error",
+    "eval_distinct_answers",
+    "eval_mean_length",
+    "eval_clipped_ratio",
+}
+WITH_LABELS = {"eval_greedy_accuracy", "eval_bon_accuracy"}
+
+
+def record(sample_logprobs, sample_base_logprobs, **overrides):
+    k = len(sample_logprobs)
+    values = dict(
+        sample_logprobs=sample_logprobs,
+        sample_base_logprobs=sample_base_logprobs,
+        sample_answers=["1"] * k,
+        sample_lengths=[5] * k,
+        sample_truncated=[False] * k,
+        greedy_logprob=-1.0,
+        greedy_base_logprob=-2.0,
+        base_greedy_logprob=-3.0,
+        base_greedy_base_logprob=-50.0,
+    )
+    values.update(overrides)
+    return PromptRecord(**values)
+
+
+def test_aggregate_matches_hand_computation():
+    records = [
+        record([-1.0, -2.0], [-3.0, -1.0], sample_answers=["4", None], sample_lengths=[3, 7],
+               sample_truncated=[False, True], sample_correct=[True, False], greedy_correct=True),
+        record([-0.5, -0.5], [-2.0, -2.5], sample_answers=["4", "5"], sample_lengths=[2, 2],
+               sample_correct=[False, True], greedy_correct=False, greedy_base_logprob=-9.0),
+    ]  # fmt: skip
+    beta = 0.3
+    metrics = aggregate(records, beta)
+    # J_beta per sample: log pi_base - beta (log pi - log pi_base); mean over samples, then over prompts
+    j = [np.mean([-3 - beta * 2, -1 - beta * -1]), np.mean([-2 - beta * 1.5, -2.5 - beta * 2])]
+    assert metrics["objective"] == pytest.approx(np.mean(j))
+    assert metrics["base_logprob"] == pytest.approx(np.mean([-2.0, -2.25]))
+    assert metrics["kl"] == pytest.approx(np.mean([0.5, 1.75]))
+    assert metrics["objective"] == pytest.approx(metrics["base_logprob"] - beta * metrics["kl"])
+    assert metrics["entropy"] == pytest.approx(np.mean([1.5, 0.5]))
+    assert metrics["greedy_base_logprob"] == pytest.approx(-5.5)
+    assert metrics["distinct_answers"] == pytest.approx(1.5)  # None is no answer
+    assert metrics["mean_length"] == pytest.approx(np.mean([5, 2]))
+    assert metrics["clipped_ratio"] == pytest.approx(0.25)
+    assert metrics["greedy_accuracy"] == pytest.approx(0.5)
+    # BoN@2 by log pi_base: prompt 0's best-scored sample is truncated, so the complete one (correct) is taken;
+    # prompt 1 takes sample 0 (-2.0 > -2.5), which is wrong
+    assert metrics["bon_accuracy"] == pytest.approx(0.5)
+    # delta: y* = the candidate pi_base rates highest (prompt 0: sample 1 at -1.0, pi = e^-2; prompt 1: sample 0)
+    assert metrics["sharpening_error"] == pytest.approx(np.mean([1 - math.exp(-2.0), 1 - math.exp(-0.5)]))
+    assert "greedy_accuracy" not in aggregate([record([-1.0], [-1.0])], beta)
+
+
+def test_sharpening_error_is_measured_at_the_base_argmax():
+    # A policy collapsed onto a sequence pi_base rates low (its own mode has pi = 0.99): delta must be large
+    collapsed = record([math.log(0.99), math.log(0.99)], [-30.0, -30.0], greedy_logprob=math.log(0.99),
+                       greedy_base_logprob=-30.0, base_greedy_logprob=math.log(1e-4), base_greedy_base_logprob=-1.0)  # fmt: skip
+    assert sharpening_error_against_base(collapsed) == pytest.approx(1 - 1e-4)
+    # The policy sharpened onto pi_base's argmax: delta small
+    sharpened = record([math.log(0.99)], [-1.0], greedy_logprob=math.log(0.99), greedy_base_logprob=-1.0)
+    assert sharpening_error_against_base(sharpened) == pytest.approx(0.01)
+
+
+# ---------------------------------------------------------------------------------------------- on the toy base
+def perturbed_copy(model, scale=0.05):
+    """A model that differs from `model`, as a stand-in pi_base, so that KL and delta are not trivially 0."""
+    other = copy.deepcopy(model).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return other
+
+
+def contexts(policy, base):
+    @contextlib.contextmanager
+    def model_context(from_base):
+        yield base if from_base else policy
+
+    return model_context
+
+
+def test_each_metric_matches_a_direct_computation(toy_model, toy_tokenizer):
+    policy, base = toy_model, perturbed_copy(toy_model)
+    test = load_toy_prompts("test").select(range(6))
+    prompt_ids = [tokenize_prompt(toy_tokenizer, p) for p in test["prompt"]]
+    k, length, beta, seed = 4, 24, 0.2, 7
+    checker = answers_match
+    records = measure_prompts(
+        contexts(policy, base), toy_tokenizer, prompt_ids, num_samples=k, max_new_tokens=length,
+        prompts_per_call=3, seed=seed, extractor=extract_answer, answers=test["answer"], checker=checker,
+    )  # fmt: skip
+    metrics = aggregate(records, beta)
+
+    # Direct: the same samples (same seed and batch layout), every log-prob from a separate scoring pass
+    with seeded(policy, seed):
+        config = sampling_config(policy, toy_tokenizer, max_new_tokens=length)
+        samples = generate_completions(policy, prompt_ids, config, num_samples=k, batch_size=3 * k)
+    greedy_config = sampling_config(policy, toy_tokenizer, do_sample=False, max_new_tokens=length)
+    greedy = generate_completions(policy, prompt_ids, greedy_config, batch_size=3)
+    base_greedy = generate_completions(base, prompt_ids, greedy_config, batch_size=3)
+    expanded = [prompt_ids[i] for i in samples.prompt_index]
+    logp = sequence_logprobs(policy, expanded, samples.completion_ids).view(-1, k).numpy()
+    base_logp = sequence_logprobs(base, expanded, samples.completion_ids).view(-1, k).numpy()
+    texts = np.array(toy_tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)).reshape(-1, k)
+    truncated = np.array(samples.truncated).reshape(-1, k)
+    greedy_texts = toy_tokenizer.batch_decode(greedy.completion_ids, skip_special_tokens=True)
+
+    assert metrics["objective"] == pytest.approx(float(np.mean(base_logp - beta * (logp - base_logp))), abs=1e-4)
+    assert metrics["kl"] == pytest.approx(float(np.mean(logp - base_logp)), abs=1e-4)
+    assert metrics["kl"] != pytest.approx(0.0, abs=1e-3)
+    assert metrics["entropy"] == pytest.approx(float(-logp.mean()), abs=1e-4)
+    assert metrics["base_logprob"] == pytest.approx(float(base_logp.mean()), abs=1e-4)
+    greedy_base = sequence_logprobs(base, prompt_ids, greedy.completion_ids).numpy()
+    assert metrics["greedy_base_logprob"] == pytest.approx(float(greedy_base.mean()), abs=1e-4)
+    distinct = [len({extract_answer(t) for t in row} - {None}) for row in texts]
+    assert metrics["distinct_answers"] == pytest.approx(np.mean(distinct))
+    lengths = [len(ids) for ids in samples.completion_ids]
+    assert metrics["mean_length"] == pytest.approx(np.mean(lengths))
+    assert metrics["clipped_ratio"] == pytest.approx(truncated.mean())
+    correct = np.array([[checker(t, a) for t in row] for row, a in zip(texts, test["answer"])])
+    assert metrics["greedy_accuracy"] == pytest.approx(
+        np.mean([checker(t, a) for t, a in zip(greedy_texts, test["answer"])])
+    )
+    # BoN@k: the complete sample with the highest log pi_base (no ties among these continuous scores)
+    bon = [correct[p][max(np.flatnonzero(~truncated[p]) if (~truncated[p]).any() else range(k), key=lambda i: base_logp[p][i])]
+           for p in range(len(prompt_ids))]  # fmt: skip
+    assert metrics["bon_accuracy"] == pytest.approx(np.mean(bon))
+    # delta: y* = argmax pi_base among samples, policy greedy and pi_base greedy; delta = 1 - pi(y*)
+    deltas = []
+    for p in range(len(prompt_ids)):
+        candidates = [samples.completion_ids[p * k + i] for i in range(k)]
+        candidates += [greedy.completion_ids[p], base_greedy.completion_ids[p]]
+        scores = sequence_logprobs(base, [prompt_ids[p]] * len(candidates), candidates)
+        best = candidates[int(scores.argmax())]
+        deltas.append(1 - sequence_logprobs(policy, [prompt_ids[p]], [best]).exp().item())
+    assert metrics["sharpening_error"] == pytest.approx(np.mean(deltas), abs=1e-4)
+
+
+def test_objective_of_the_base_itself_is_its_log_likelihood(toy_model, toy_tokenizer):
+    prompt_ids = [tokenize_prompt(toy_tokenizer, p) for p in load_toy_prompts("test")["prompt"][:8]]
+    records = measure_prompts(contexts(toy_model, toy_model), toy_tokenizer, prompt_ids, num_samples=4,
+                              max_new_tokens=24, prompts_per_call=8, seed=0, extractor=extract_answer)  # fmt: skip
+    for beta in (0.1, 1.0):
+        metrics = aggregate(records, beta)
+        assert metrics["kl"] == pytest.approx(0.0, abs=1e-5)
+        assert metrics["objective"] == pytest.approx(metrics["base_logprob"], abs=1e-5)
+        assert metrics["entropy"] == pytest.approx(-metrics["base_logprob"], abs=1e-5)
+    for r in records:  # per sample too, not only on average
+        assert np.allclose(r.sample_logprobs, r.sample_base_logprobs, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- the trainers
+def build_trainer(kind, tmp_path, eval_dataset, **overrides):
+    train = load_toy_prompts("train").select(range(8))
+    model = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH)
+    common = {"eval_num_prompts": 6, "eval_num_samples": 3, **overrides}
+    if kind == "sft":
+        args = cpu_test_args(BoNSFTConfig, tmp_path, num_samples=2, **common)
+        trainer_class = BoNSFTTrainer
+    else:
+        config_class, trainer_class = {
+            "dpo": (SelfRewardDPOConfig, SelfRewardDPOTrainer),
+            "xpo": (XPOConfig, XPOTrainer),
+        }[kind]
+        args = cpu_test_args(config_class, tmp_path, **common)
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_PATH)
+    return trainer_class(
+        model=model, args=args, train_dataset=train, eval_dataset=eval_dataset, processing_class=tokenizer
+    )
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "xpo"])
+def test_evaluate_returns_the_sharpening_metrics(kind, tmp_path):
+    test = load_toy_prompts("test").select(range(10))
+    trainer = build_trainer(kind, tmp_path, test)
+    metrics = trainer.evaluate()
+    assert LABEL_FREE | WITH_LABELS <= set(metrics)
+    # Before training the policy is pi_base: J_beta = E[log pi_base], KL = 0
+    assert metrics["eval_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert metrics["eval_objective"] == pytest.approx(metrics["eval_base_logprob"], abs=1e-4)
+    assert trainer.state.log_history[-1]["eval_objective"] == metrics["eval_objective"]  # through `log`
+    cost = trainer.last_evaluation_cost
+    assert (cost.prompts, cost.policy_generations, cost.base_forwards) == (6, 6 * 4, 6 * 4)
+    # The same prompts without answers: label-free metrics only
+    unlabeled = trainer.evaluate(eval_dataset=test.remove_columns("answer"))
+    assert set(unlabeled) & (LABEL_FREE | WITH_LABELS) == LABEL_FREE
+    assert unlabeled["eval_objective"] == pytest.approx(metrics["eval_objective"])  # same prompts, same seed
+
+
+def test_metric_direction_and_validation(tmp_path):
+    args = cpu_test_args(XPOConfig, tmp_path, eval_strategy="steps", eval_steps=1, save_steps=1,
+                         save_strategy="steps", load_best_model_at_end=True)  # fmt: skip
+    assert (args.metric_for_best_model, args.greater_is_better) == ("objective", True)
+    args = cpu_test_args(SelfRewardDPOConfig, tmp_path, metric_for_best_model="eval_sharpening_error")
+    assert args.greater_is_better is False
+    with pytest.raises(ValueError, match="greater_is_better"):
+        cpu_test_args(SelfRewardDPOConfig, tmp_path, metric_for_best_model="objective", greater_is_better=False)
+    for bad in ({"eval_num_samples": 0}, {"eval_num_prompts": True}, {"collapse_length_drop": 1.5},
+                {"eval_beta": -1.0}):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            cpu_test_args(BoNSFTConfig, tmp_path, **bad)
+
+
+def test_collapse_alarm(caplog, tmp_path):
+    args = cpu_test_args(XPOConfig, tmp_path)
+    alarm = CollapseAlarmCallback()
+    state = type("State", (), {"global_step": 0})()
+    steady = {"eval_objective": -10.0, "eval_distinct_answers": 4.0, "eval_mean_length": 20.0}
+    with caplog.at_level(logging.WARNING, logger="trl_sharpen.monitoring"):
+        for step, metrics in enumerate([steady, {**steady, "eval_objective": -12.0, "eval_distinct_answers": 2.5}], 1):
+            state.global_step = step
+            alarm.on_evaluate(args, state, None, metrics=metrics)
+        assert not caplog.records  # moderate moves: sharpening is allowed to lower distinct answers
+        state.global_step = 3
+        alarm.on_evaluate(args, state, None, metrics={"eval_objective": -16.0, "eval_distinct_answers": 1.0,
+                                                      "eval_mean_length": 4.0})  # fmt: skip
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    for key in ("eval_objective", "eval_distinct_answers", "eval_mean_length"):
+        assert key in messages
+    trainer = build_trainer("dpo", tmp_path, load_toy_prompts("test").select(range(2)))
+    assert any(isinstance(c, CollapseAlarmCallback) for c in trainer.callback_handler.callbacks)
+
+
+@pytest.mark.slow
+def test_load_best_model_at_end_restores_the_best_iterate_after_collapse(tmp_path):
+    """A learning rate 50x the recipes' makes DPO collapse; the Trainer's own best-model machinery, driven by J_beta,
+    must hand back the earlier, better iterate, and EarlyStoppingCallback must stop the run."""
+    heldout = load_toy_prompts("train").select(range(900, 916)).remove_columns("answer")
+    trainer = build_trainer(
+        "dpo", tmp_path, heldout, learning_rate=5e-2, max_steps=24, lr_scheduler_type="constant",
+        eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2, save_only_model=True,
+        load_best_model_at_end=True, metric_for_best_model="objective", eval_num_prompts=16, eval_num_samples=4,
+    )  # fmt: skip
+    trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=3))
+    trainer.train()
+    evaluations = [e for e in trainer.state.log_history if "eval_objective" in e]
+    best = max(evaluations, key=lambda e: e["eval_objective"])
+    last = evaluations[-1]
+    assert trainer.state.best_global_step == best["step"] < last["step"]
+    assert last["eval_objective"] < best["eval_objective"] - 1.0  # it did collapse, by more than a nat
+    assert trainer.state.global_step < 24  # early stopping cut the run
+    # The model in hand is the best iterate: evaluating it again gives the best J_beta (same prompts, same seed)
+    assert trainer.evaluate()["eval_objective"] == pytest.approx(best["eval_objective"], abs=1e-3)
