@@ -28,10 +28,10 @@ from trl_sharpen import SelfRewardDPOConfig, SelfRewardDPOTrainer
 from trl_sharpen.distributed import parse_args_and_config
 from trl_sharpen.script_utils import (
     SharpenScriptArguments,
+    add_greedy_report,
     finish_run,
     load_model_name_and_tokenizer,
     load_prompt_datasets,
-    report_policy_accuracy,
     setup_run,
     train_and_save,
 )
@@ -43,21 +43,17 @@ def main(script_args: SharpenScriptArguments, training_args: SelfRewardDPOConfig
     dataset = load_prompt_datasets(script_args)
     test_split = script_args.dataset_test_split
 
-    quantization_config = get_quantization_config(model_args)
     trainer = SelfRewardDPOTrainer(
         model=model_name,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset[test_split] if training_args.eval_strategy != "no" and test_split in dataset else None,
         processing_class=tokenizer,
-        quantization_config=quantization_config,
+        quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    if quantization_config is None and not trainer.is_deepspeed_enabled:
-        trainer.model.to(trainer.accelerator.device)  # `Trainer` places it only when training starts
-    report_policy_accuracy(trainer, tokenizer, dataset, script_args, "before")
+    add_greedy_report(trainer, dataset, script_args)  # greedy accuracy on the test split, before and after training
     train_and_save(trainer, training_args, script_args)
-    report_policy_accuracy(trainer, tokenizer, dataset, script_args, "after")
     finish_run(trainer, training_args, script_args)
 
 

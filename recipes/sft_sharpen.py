@@ -25,17 +25,16 @@ command line (`--help` lists them).
 """
 
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from trl_sharpen import BoNSFTConfig, BoNSFTTrainer, answers_match
 from trl_sharpen.distributed import parse_args_and_config
 from trl_sharpen.script_utils import (
     SharpenScriptArguments,
+    add_greedy_report,
     finish_run,
     load_model_name_and_tokenizer,
     load_prompt_datasets,
-    report_policy_accuracy,
     setup_run,
     train_and_save,
 )
@@ -61,26 +60,17 @@ def main(script_args: SharpenScriptArguments, training_args: BoNSFTConfig, model
     dataset = load_prompt_datasets(script_args)
 
     # Samples (or reloads) the Best-of-N data under <output_dir>/bon_data before returning
-    peft_config = get_peft_config(model_args)
     trainer = BoNSFTTrainer(
         model=model_name,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
         processing_class=tokenizer,
         quantization_config=get_quantization_config(model_args),
-        peft_config=peft_config,
+        peft_config=get_peft_config(model_args),
     )
     report_bon_data(trainer, script_args)
-    report_policy_accuracy(trainer, tokenizer, dataset, script_args, "before", untrained=True)
+    add_greedy_report(trainer, dataset, script_args)  # greedy accuracy on the test split, before and after training
     train_and_save(trainer, training_args, script_args)
-
-    # Full fine-tuning keeps no pi_base in memory: load one for the report (under DeepSpeed, a second full copy is not
-    # worth it for a report: accuracy only). With PEFT the adapter-disabled policy is pi_base.
-    base = None
-    if peft_config is None and not trainer.is_deepspeed_enabled:
-        base = AutoModelForCausalLM.from_pretrained(model_name, **training_args.model_init_kwargs)
-        base.to(trainer.accelerator.device)
-    report_policy_accuracy(trainer, tokenizer, dataset, script_args, "after", base_model=base)
     finish_run(trainer, training_args, script_args)
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import re
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from trl_sharpen import SelfRewardDPOConfig, SelfRewardDPOTrainer
+from trl_sharpen.callbacks import GreedyReportCallback
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
 from .launching import launch_toy_recipe, parse_recipe_yaml, recipe_yamls
@@ -243,6 +245,23 @@ def test_conversational_prompts_and_evaluate(tmp_path, toy_model, toy_tokenizer)
     assert "eval_self_reward/ties_skipped" in metrics and "eval_loss" in metrics
     # a dataset handed to `evaluate` later is prepared the same way
     assert "eval_completions/mean_length" in trainer.evaluate(load_toy_prompts("test").select(range(8)))
+
+
+def test_greedy_report_callback_reports_before_and_after_training(tmp_path, toy_model, toy_tokenizer, capsys):
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, max_steps=2)
+    callback = GreedyReportCallback(trainer, load_toy_prompts("test").select(range(16)), max_new_tokens=40)
+    trainer.add_callback(callback)
+    trainer.train()
+    out = capsys.readouterr().out
+    for label in ("before", "after"):
+        line = rf"^\[{label}\] greedy accuracy on 16 test prompts: [\d.]+, mean log pi_base\(greedy\) -[\d.]+, mean length "
+        assert re.search(line, out, re.M), out
+    before, after = callback.results["before"], callback.results["after"]
+    assert after.completions != before.completions  # the policy moved
+    # pi_base is the reference model; without one (full fine-tuning, e.g. BoNSFTTrainer) it is loaded again from the
+    # policy's path for the report: the same numbers
+    trainer.ref_model = None
+    assert callback._report("after", policy_is_base=False).mean_base_logprob == pytest.approx(after.mean_base_logprob)
 
 
 def pair_ends_with_eos(batch, eos_token_id):

@@ -21,13 +21,14 @@ What accelerate 1.15 / transformers 5 / DeepSpeed 0.19 do with 2 processes on a 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import sys
 
 import torch
 from accelerate import PartialState
+
+from .fingerprints import trainable_weights_digest
 
 
 def _env_flag(name: str) -> bool:
@@ -127,19 +128,6 @@ def distributed_state() -> PartialState:
     one process on every rank); with GPUs this is plain `PartialState()`."""
     check_launch()
     return PartialState(cpu=not _has_accelerator())
-
-
-def trainable_weights_digest(model: torch.nn.Module) -> str:
-    """A short hash of a few thousand values of the first, middle and last trainable parameters (gathered under
-    ZeRO-3): equal on all ranks when their replicas are in sync, different once training moved them."""
-    from .fingerprints import _gathered
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    digest = hashlib.sha256()
-    for param in dict.fromkeys([params[0], params[len(params) // 2], params[-1]]):
-        with _gathered(param):
-            digest.update(param.detach().reshape(-1)[:4096].to("cpu", torch.float32).numpy().tobytes())
-    return digest.hexdigest()[:12]
 
 
 def rank_summary(trainer) -> str:

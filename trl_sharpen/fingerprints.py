@@ -32,19 +32,34 @@ def _gathered(param: torch.nn.Parameter):
     return contextlib.nullcontext()
 
 
+def _sampled_values(named_parameters: list[tuple[str, torch.nn.Parameter]]):
+    """(name, first few thousand values as float32 bytes) of the first, middle and last parameter."""
+    params = named_parameters
+    for name, param in (params[0], params[len(params) // 2], params[-1]):
+        with _gathered(param):
+            values = param.detach().reshape(-1)[:_SAMPLED_VALUES].to("cpu", torch.float32)
+        yield name, values.numpy().tobytes()
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     causal_lm = unwrap_causal_lm(model)
     digest = hashlib.sha256()
     config = {k: v for k, v in causal_lm.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     # Base weights only: a freshly added LoRA adapter must not change the fingerprint of the model it adapts
-    params = [(n, p) for n, p in causal_lm.named_parameters() if "lora_" not in n]
-    for name, param in (params[0], params[len(params) // 2], params[-1]):
-        with _gathered(param):
-            values = param.detach().reshape(-1)[:_SAMPLED_VALUES].to("cpu", torch.float32)
+    for name, values in _sampled_values([(n, p) for n, p in causal_lm.named_parameters() if "lora_" not in n]):
         digest.update(name.encode())
-        digest.update(values.numpy().tobytes())
+        digest.update(values)
     return digest.hexdigest()[:16]
+
+
+def trainable_weights_digest(model: torch.nn.Module) -> str:
+    """A short hash of sampled values of the trainable parameters (gathered under ZeRO-3): equal on all ranks when
+    their replicas are in sync, different once training moved them."""
+    digest = hashlib.sha256()
+    for _, values in _sampled_values([(n, p) for n, p in model.named_parameters() if p.requires_grad]):
+        digest.update(values)
+    return digest.hexdigest()[:12]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

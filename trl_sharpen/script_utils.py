@@ -1,6 +1,6 @@
 """Pieces shared by the recipes in `recipes/`: script arguments, run setup, dataset loading, the before/after report
-and the end of a run. Each recipe's `main()` reads as the sequence seed -> logging -> tokenizer -> data -> trainer ->
-report -> train -> save -> report, with the steps below."""
+(`GreedyReportCallback`) and the end of a run. Each recipe's `main()` reads as the sequence seed -> logging ->
+tokenizer -> data -> trainer -> report callback -> train -> save, with the steps below."""
 
 from __future__ import annotations
 
@@ -8,15 +8,13 @@ import logging
 from dataclasses import dataclass, field
 
 import transformers
-from accelerate import PartialState
 from datasets import DatasetDict, load_dataset
 from transformers import AutoTokenizer
 from trl import ScriptArguments
-from trl.models.utils import unwrap_model_for_generation
 
-from .data import as_prompt_dataset, ensure_pad_token, is_saved_dataset
+from .callbacks import GreedyReportCallback
+from .data import as_prompt_dataset, check_dataset_path, ensure_pad_token, is_saved_dataset
 from .distributed import print_rank_summary
-from .evaluation import evaluate_greedy
 from .real_models import resolve_model_name_or_path
 from .toy import TOY_DATA_DIR, TOY_MODEL_PATH
 
@@ -71,6 +69,7 @@ def load_prompt_datasets(script_args: SharpenScriptArguments) -> DatasetDict:
 
         dataset = load_from_disk(script_args.dataset_name)
     else:
+        check_dataset_path(script_args.dataset_name)  # a missing or empty local file: say so, do not ask the Hub
         dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
     if script_args.num_train_prompts is not None:
         train = dataset[script_args.dataset_train_split]
@@ -84,27 +83,17 @@ def load_prompt_datasets(script_args: SharpenScriptArguments) -> DatasetDict:
     )
 
 
-def report_greedy_accuracy(model, tokenizer, dataset: DatasetDict, script_args, label: str, base_model=None):
-    """Print (main process) and return the greedy accuracy on the test split, if it has reference answers."""
-    split = script_args.dataset_test_split
-    column = script_args.eval_answer_column
+def add_greedy_report(trainer, dataset: DatasetDict, script_args: SharpenScriptArguments) -> None:
+    """Add the before/after greedy report (`GreedyReportCallback`) on the test split, when it has reference answers."""
+    split, column = script_args.dataset_test_split, script_args.eval_answer_column
     if column is None or split not in dataset or column not in dataset[split].column_names:
-        return None
+        return
     test = dataset[split].select(range(min(len(dataset[split]), script_args.num_eval_prompts)))
-    result = evaluate_greedy(
-        model,
-        tokenizer,
-        test["prompt"],
-        test[column],
-        base_model=base_model,
-        max_new_tokens=script_args.eval_max_new_tokens,
-    )
-    if PartialState().is_main_process:
-        loglik = (
-            "" if result.mean_base_logprob is None else f", mean log pi_base(greedy) {result.mean_base_logprob:.3f}"
+    trainer.add_callback(
+        GreedyReportCallback(
+            trainer, test, answer_column=column, max_new_tokens=script_args.eval_max_new_tokens, name=split
         )
-        print(f"[{label}] greedy accuracy on {len(test)} {split} prompts: {result.accuracy:.3f}{loglik}", flush=True)
-    return result
+    )
 
 
 def setup_run(training_args) -> None:
@@ -132,22 +121,6 @@ def load_model_name_and_tokenizer(model_args, training_args):
     )
     ensure_pad_token(tokenizer)
     return model_name, tokenizer
-
-
-def report_policy_accuracy(
-    trainer, tokenizer, dataset, script_args, label: str, base_model=None, untrained: bool = False
-):
-    """Greedy accuracy of the trainer's policy on the test split, and the mean log pi_base of its greedy outputs.
-
-    pi_base is the trainer's reference model when it has one, the policy itself when it is `untrained` or a PEFT
-    model (scored with its adapters disabled), else `base_model` (None: accuracy only)."""
-    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as policy:
-        ref_model = getattr(trainer, "ref_model", None)
-        if ref_model is not None:
-            base_model = trainer.accelerator.unwrap_model(ref_model)
-        elif untrained or hasattr(policy, "disable_adapter"):
-            base_model = policy
-        return report_greedy_accuracy(policy, tokenizer, dataset, script_args, label, base_model=base_model)
 
 
 def train_and_save(trainer, training_args, script_args) -> None:
