@@ -1,6 +1,7 @@
 """SelfRewardDPOTrainer on the bundled toy base: training mechanics, the shared pi_base pass, bad input, quality."""
 
 import contextlib
+import functools
 import math
 import re
 
@@ -15,20 +16,13 @@ from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
 from .launching import launch_toy_recipe, parse_recipe_yaml, recipe_yamls
 from .sharpening_check import train_and_check_sharpening
-from .trainer_args import cpu_test_args
+from .trainer_args import cpu_test_args, online_trainer
 
 
-def make_config(tmp_path, **overrides):
-    return cpu_test_args(SelfRewardDPOConfig, tmp_path, **overrides)
-
-
-def make_trainer(tmp_path, model, tokenizer, train_dataset=None, **overrides):
-    return SelfRewardDPOTrainer(
-        model=model,
-        args=make_config(tmp_path, **overrides),
-        train_dataset=train_dataset if train_dataset is not None else load_toy_prompts("train").select(range(64)),
-        processing_class=tokenizer,
-    )
+make_config = functools.partial(cpu_test_args, SelfRewardDPOConfig)  # (tmp_path, **overrides)
+make_trainer = functools.partial(
+    online_trainer, SelfRewardDPOTrainer
+)  # (tmp_path, model, tokenizer, train_dataset, **overrides)
 
 
 def base_state():

@@ -22,6 +22,14 @@ def leading_parameters(function, count):
     return list(inspect.signature(function).parameters)[:count]
 
 
+# Called by several trainers (listed once each, named in the lists below)
+UNWRAP_MODEL_FOR_GENERATION = (
+    trl.models.utils,
+    "unwrap_model_for_generation",
+    ["model", "accelerator", "gather_deepspeed3_params", "generation_kwargs", "gradient_checkpointing_kwargs"],
+)
+GET_CONFIG_MODEL_ID = (trl.trainer.utils, "get_config_model_id", ["config"])
+
 # SelfRewardDPOTrainer (trl_sharpen/self_reward_dpo_trainer.py): (owner, name, leading parameters)
 SELF_REWARD_DPO_INTERNALS = [
     # overridden
@@ -31,27 +39,15 @@ SELF_REWARD_DPO_INTERNALS = [
     (Trainer, "_prepare_inputs", ["self", "inputs"]),
     # called
     (trl.trainer.utils, "use_adapter", ["model", "adapter_name"]),
-    (trl.trainer.utils, "get_config_model_id", ["config"]),
+    GET_CONFIG_MODEL_ID,
     (
         trl.trainer.utils,
         "print_prompt_completions_sample",
         ["prompts", "completions", "rewards", "advantages", "step", "num_samples", "extra"],
     ),
-    (
-        trl.models.utils,
-        "unwrap_model_for_generation",
-        ["model", "accelerator", "gather_deepspeed3_params", "generation_kwargs", "gradient_checkpointing_kwargs"],
-    ),
+    UNWRAP_MODEL_FOR_GENERATION,  # also GreedyReportCallback (trl_sharpen/callbacks.py)
     (trl.models.utils, "disable_gradient_checkpointing", ["model", "gradient_checkpointing_kwargs"]),
 ]
-
-
-@pytest.mark.parametrize(
-    "owner, name, parameters", SELF_REWARD_DPO_INTERNALS, ids=[name for _, name, _ in SELF_REWARD_DPO_INTERNALS]
-)
-def test_self_reward_dpo_trl_internals_exist_with_their_parameters(owner, name, parameters):
-    assert hasattr(owner, name), f"{owner.__name__}.{name} is gone"
-    assert leading_parameters(getattr(owner, name), len(parameters)) == parameters
 
 
 def test_self_reward_dpo_relies_on_dpo_loss_reading_reference_logps_from_the_batch():
@@ -97,22 +93,12 @@ BON_SFT_INTERNALS = [
         ["self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"],
     ),
     # called
-    (
-        trl.models.utils,
-        "unwrap_model_for_generation",
-        ["model", "accelerator", "gather_deepspeed3_params", "generation_kwargs", "gradient_checkpointing_kwargs"],
-    ),
+    UNWRAP_MODEL_FOR_GENERATION,
     (trl.models.utils, "prepare_deepspeed", ["model", "accelerator"]),
-    (trl.trainer.utils, "create_model_from_path", ["model_id", "architecture"]),
-    (trl.trainer.utils, "get_config_model_id", ["config"]),
+    (trl.trainer.utils, "create_model_from_path", ["model_id", "architecture"]),  # also GreedyReportCallback
+    GET_CONFIG_MODEL_ID,
     (trl.trainer.base_trainer._BaseTrainer, "create_model_card", ["self", "model_name", "dataset_name", "tags"]),
 ]
-
-
-@pytest.mark.parametrize("owner, name, parameters", BON_SFT_INTERNALS, ids=[name for _, name, _ in BON_SFT_INTERNALS])
-def test_bon_sft_trl_internals_exist_with_their_parameters(owner, name, parameters):
-    assert hasattr(owner, name), f"{owner.__name__}.{name} is gone"
-    assert leading_parameters(getattr(owner, name), len(parameters)) == parameters
 
 
 def test_bon_sft_keeps_sft_trainer_signature_and_relies_on_its_init_order():
@@ -163,16 +149,10 @@ XPO_INTERNALS = [
     # overridden
     (Trainer, "_prepare_inputs", ["self", "inputs"]),
     (Trainer, "train", ["self", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"]),
+    (Trainer, "_save_checkpoint", ["self", "model", "trial"]),
     # called
-    (trl.trainer.utils, "get_config_model_id", ["config"]),
     (transformers.trainer_utils, "get_last_checkpoint", ["folder"]),
 ]
-
-
-@pytest.mark.parametrize("owner, name, parameters", XPO_INTERNALS, ids=[name for _, name, _ in XPO_INTERNALS])
-def test_xpo_trl_internals_exist_with_their_parameters(owner, name, parameters):
-    assert hasattr(owner, name), f"{owner.__name__}.{name} is gone"
-    assert leading_parameters(getattr(owner, name), len(parameters)) == parameters
 
 
 def test_xpo_relies_on_trainer_epoch_checkpoint_and_metrics_behaviour():
@@ -186,13 +166,12 @@ def test_xpo_relies_on_trainer_epoch_checkpoint_and_metrics_behaviour():
     # A per-epoch alpha is read from `state.epoch`, the fractional progress set after each step: its integer part is
     # the running (0-based) epoch
     assert "self.state.epoch = epoch + (step + 1) / steps_in_epoch" in inspect.getsource(Trainer._run_epoch)
-    # The replay buffer is saved by an `on_save` callback into the folder `_save_checkpoint` has just written
+    # The replay buffer is saved by `_save_checkpoint` (overridden, as DPOTrainer does) into the folder it wrote
     assert transformers.trainer_utils.PREFIX_CHECKPOINT_DIR == "checkpoint"
     assert 'checkpoint_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"' in inspect.getsource(
         Trainer._save_checkpoint
     )
-    save = inspect.getsource(Trainer._maybe_log_save_evaluate)
-    assert save.index("self._save_checkpoint(model, trial)") < save.index("self.callback_handler.on_save(")
+    assert "super()._save_checkpoint(model, trial)" in inspect.getsource(DPOTrainer._save_checkpoint)
     # Metrics go to DPO's `_metrics`, averaged and cleared in its `log`
     assert 'self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}' in inspect.getsource(
         DPOTrainer.__init__
@@ -219,14 +198,6 @@ SCALE_OUT_INTERNALS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "owner, name, parameters", SCALE_OUT_INTERNALS, ids=[name for _, name, _ in SCALE_OUT_INTERNALS]
-)
-def test_scale_out_internals_exist_with_their_parameters(owner, name, parameters):
-    assert hasattr(owner, name), f"{owner.__name__}.{name} is gone"
-    assert leading_parameters(getattr(owner, name), len(parameters)) == parameters
-
-
 def test_scale_out_relies_on_accelerate_transformers_and_trl_behaviour():
     from accelerate.state import AcceleratorState, PartialState
     from transformers import PreTrainedModel
@@ -251,6 +222,23 @@ def test_scale_out_relies_on_accelerate_transformers_and_trl_behaviour():
     assert "self.enable_input_require_grads()" in inspect.getsource(PreTrainedModel._activation_checkpointing_enable)
     # report_tables.log_table writes through the Trainer's own tensorboard writer
     assert "self.tb_writer.add_scalar" in inspect.getsource(TensorBoardCallback.on_log)
+
+
+INTERNALS = {
+    "self_reward_dpo": SELF_REWARD_DPO_INTERNALS,
+    "bon_sft": BON_SFT_INTERNALS,
+    "xpo": XPO_INTERNALS,
+    "scale_out": SCALE_OUT_INTERNALS,
+}
+
+
+@pytest.mark.parametrize(
+    "owner, name, parameters",
+    [pytest.param(*entry, id=f"{group}-{entry[1]}") for group, entries in INTERNALS.items() for entry in entries],
+)
+def test_internals_exist_with_their_parameters(owner, name, parameters):
+    assert hasattr(owner, name), f"{owner.__name__}.{name} is gone"
+    assert leading_parameters(getattr(owner, name), len(parameters)) == parameters
 
 
 def test_fingerprints_rely_on_deepspeed_gathered_status():

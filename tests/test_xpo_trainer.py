@@ -1,5 +1,6 @@
 """XPOTrainer (the paper's Algorithm 1) on the toy bases: loss, bonus, replay buffer, bad input, quality, recipe."""
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -17,24 +18,17 @@ from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 from .launching import launch_toy_recipe, parse_recipe_yaml, recipe_yamls
 from .sharpening_check import train_and_check_sharpening
 from .test_self_reward_dpo_trainer import count_scoring_forwards  # pi_base scoring passes (no KV cache)
-from .trainer_args import cpu_test_args
+from .trainer_args import cpu_test_args, online_trainer
 
 
 REPO = Path(__file__).resolve().parents[1]
 POOR_COVERAGE_MODEL_PATH = str(REPO / "trl_sharpen" / "toy" / "base_model_poor_coverage")
 
 
-def make_config(tmp_path, **overrides):
-    return cpu_test_args(XPOConfig, tmp_path, **overrides)
-
-
-def make_trainer(tmp_path, model, tokenizer, train_dataset=None, **overrides):
-    return XPOTrainer(
-        model=model,
-        args=make_config(tmp_path, **overrides),
-        train_dataset=train_dataset if train_dataset is not None else load_toy_prompts("train").select(range(64)),
-        processing_class=tokenizer,
-    )
+make_config = functools.partial(cpu_test_args, XPOConfig)  # (tmp_path, **overrides)
+make_trainer = functools.partial(
+    online_trainer, XPOTrainer
+)  # (tmp_path, model, tokenizer, train_dataset, **overrides)
 
 
 def logged(log_history, key):

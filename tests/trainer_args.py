@@ -18,3 +18,16 @@ CPU_TEST_ARGS = dict(
 def cpu_test_args(config_class, output_dir, **overrides):
     """`config_class(output_dir=..., **CPU_TEST_ARGS)` with `overrides` applied."""
     return config_class(output_dir=str(output_dir), **{**CPU_TEST_ARGS, **overrides})
+
+
+def online_trainer(trainer_class, tmp_path, model, tokenizer, train_dataset=None, **overrides):
+    """`trainer_class` (SelfRewardDPOTrainer, XPOTrainer) with `cpu_test_args` of its config class, on the first 64
+    toy training prompts unless `train_dataset` is given."""
+    from trl_sharpen.toy import load_toy_prompts
+
+    return trainer_class(
+        model=model,
+        args=cpu_test_args(trainer_class._config_class, tmp_path, **overrides),
+        train_dataset=train_dataset if train_dataset is not None else load_toy_prompts("train").select(range(64)),
+        processing_class=tokenizer,
+    )

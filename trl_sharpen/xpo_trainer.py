@@ -23,12 +23,12 @@ a replayed triple costs only its share of the policy forward/backward.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import textwrap
 
 import torch
-from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .generation import Completions
@@ -58,18 +58,6 @@ def replay_buffer_file(checkpoint_dir: str, process_index: int) -> str:
     return os.path.join(checkpoint_dir, f"xpo_replay_buffer_{process_index}.pt")
 
 
-class _SaveReplayBuffer(TrainerCallback):
-    """Saves each process's replay buffer into the checkpoint folder the Trainer just wrote."""
-
-    def __init__(self, trainer: XPOTrainer):
-        self.trainer = trainer
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(folder):
-            torch.save(list(self.trainer.replay_buffer), replay_buffer_file(folder, args.process_index))
-
-
 class XPOTrainer(SelfRewardDPOTrainer):
     r"""Sharpening with exploration (Huang et al. 2025, Algorithm 1; XPO, Xie et al. 2024) as a drop-in
     `trl.DPOTrainer`: same keyword signature, prompt-only `train_dataset`, an [`XPOConfig`].
@@ -96,43 +84,23 @@ class XPOTrainer(SelfRewardDPOTrainer):
     _paper = {**SHARPENING_PAPER, "citation": SHARPENING_PAPER["citation"] + "\n\n" + XPO_CITATION}
     _config_class = XPOConfig
 
-    def __init__(
-        self,
-        model,
-        ref_model=None,
-        args: XPOConfig | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
-    ):
-        super().__init__(
-            model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
-        # Triples of earlier steps (this process's), each a tuple of `_TRIPLE_FIELDS`
+    _alpha_ran_out_warned = False
+
+    @functools.cached_property
+    def replay_buffer(self) -> collections.deque[tuple]:
+        """Triples of earlier steps (this process's), each a tuple of `_TRIPLE_FIELDS`; -1: unbounded (all of D)."""
         size = self.args.replay_buffer_size
-        self.replay_buffer: collections.deque[tuple] = collections.deque(maxlen=None if size == -1 else size)
-        self.add_callback(_SaveReplayBuffer(self))
-        self._alpha_ran_out_warned = False
+        return collections.deque(maxlen=None if size == -1 else size)
+
+    def _save_checkpoint(self, model, trial):
+        # Each process's replay buffer goes into the checkpoint folder, next to its RNG state
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        torch.save(list(self.replay_buffer), replay_buffer_file(folder, self.args.process_index))
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
-        # Resuming restores this process's replay buffer from the checkpoint (saved by `_SaveReplayBuffer`)
+        # Resuming restores this process's replay buffer from the checkpoint (saved by `_save_checkpoint`)
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
