@@ -10,15 +10,47 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_sharpen import best_of_n
+from trl_sharpen import best_of_n, real_models
 from trl_sharpen.generation import generate_completions, sampling_config
 from trl_sharpen.logprobs import sequence_logprobs
 from trl_sharpen.real_models import DONE_FILE, convert, load_gguf, locate_gguf, resolve_model_name_or_path
 
 
-pytestmark = pytest.mark.real_model
+real_model = pytest.mark.real_model
 
 FEW_SHOT = "Q: What is 2 + 3?\nA: 5\n\nQ: What is 4 + 1?\nA: 5\n\nQ: What is 6 + 2?\nA: 8\n\nQ: What is {a} + {b}?\nA:"
+
+
+def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
+    """Processes (here threads, each with its own lock file handle) asking for the same model at once: one converts,
+    the others wait and reuse its folder; a changed file gets a new folder."""
+    import threading
+
+    monkeypatch.setenv(real_models.CACHE_ENV, str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"not really a model")
+    calls = []
+
+    def fake_convert(path, output_dir, source=None):  # the real one needs a real GGUF and a minute
+        calls.append(path)
+        time.sleep(0.5)
+        output_dir.mkdir(parents=True)
+        (output_dir / DONE_FILE).write_text(json.dumps({"gguf_sha256": real_models.file_sha256(path)}))
+        return output_dir
+
+    monkeypatch.setattr(real_models, "convert_gguf", fake_convert)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(resolve_model_name_or_path(str(gguf)))) for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(set(results)) == 1
+    assert Path(results[0]).name.startswith("tiny-") and Path(results[0]).parent == tmp_path / "cache"
+    gguf.write_bytes(b"another model")
+    assert resolve_model_name_or_path(str(gguf)) != results[0] and len(calls) == 2
 
 
 def naive_logprobs(model, prompts, completions):
@@ -40,6 +72,7 @@ def left_padded(rows, pad_id):
     return ids, mask
 
 
+@real_model
 def test_smollm2_conversion_round_trip(smollm2, smollm2_path):
     """The converted folder gives the same logits, tokens and generation settings as the GGUF file itself."""
     model, tokenizer = smollm2
@@ -71,6 +104,7 @@ def test_smollm2_conversion_round_trip(smollm2, smollm2_path):
     assert tokenizer.chat_template == gguf_tokenizer.chat_template
 
 
+@real_model
 def test_resolution_and_convert_command(smollm2_path, capsys):
     from trl_sharpen.cli import main as cli_main
 
@@ -89,6 +123,7 @@ def test_resolution_and_convert_command(smollm2_path, capsys):
         cli_main(["convert", "not-a-model"])
 
 
+@real_model
 @pytest.mark.parametrize("which", ["smollm2", "gemma"])
 def test_sequence_logprobs_equal_a_naive_full_logits_pass(which, request):
     """Long and short prompts, left-padded with the tokenizer's real pad id, completions of several lengths."""
@@ -110,6 +145,7 @@ def test_sequence_logprobs_equal_a_naive_full_logits_pass(which, request):
     torch.testing.assert_close(got, naive_logprobs(model, prompts, completions), atol=2e-3, rtol=1e-4)
 
 
+@real_model
 def test_best_of_n_chat_stops_at_end_of_turn_and_rewards_equal_rescoring(smollm2):
     model, tokenizer = smollm2
     prompts = [
@@ -132,6 +168,7 @@ def test_best_of_n_chat_stops_at_end_of_turn_and_rewards_equal_rescoring(smollm2
     assert complete >= 2, "SmolLM2 answers these in a few tokens: samples must end their turn"
 
 
+@real_model
 def test_stop_strings_with_the_base_model(gemma):
     """Few-shot Gemma-3-270M: a completion ends at the token that completes the first stop string (kept whole, even
     when the string ends inside it); its log-probability covers exactly those tokens; it is not truncated."""

@@ -240,7 +240,8 @@ def convert(name_or_path: str, output_dir: str | os.PathLike | None = None) -> C
         gguf = Path(name_or_path).expanduser()
         if gguf.suffix.lower() != ".gguf" or not gguf.is_file():
             raise FileNotFoundError(f"{name_or_path!r} is neither a .gguf file nor a model package ({_known()}).")
-        name = gguf.stem.lower()
+        # a bundled model's own file shares its package's folder name (and so its cached folder)
+        name = next((n for n, spec in PACKAGES.items() if spec.gguf_name == gguf.name), gguf.stem.lower())
         sha = file_sha256(gguf)
     folder = Path(output_dir) if output_dir is not None else cache_dir() / f"{name}-{sha[:12]}"
     if is_converted(folder, sha):
