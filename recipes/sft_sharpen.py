@@ -29,6 +29,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from trl_sharpen import BoNSFTConfig, BoNSFTTrainer, answers_match
 from trl_sharpen.distributed import parse_args_and_config
+from trl_sharpen.errors import clear_errors
 from trl_sharpen.script_utils import (
     SharpenScriptArguments,
     add_greedy_report,
@@ -79,4 +80,5 @@ def make_parser() -> TrlParser:
 
 
 if __name__ == "__main__":
-    main(*parse_args_and_config(make_parser()))  # with the launch checks (trl_sharpen/distributed.py)
+    with clear_errors():  # bad input: one line `trl-sharpen: error: ...`; --debug or TRL_SHARPEN_DEBUG=1: traceback
+        main(*parse_args_and_config(make_parser()))  # with the launch checks (trl_sharpen/distributed.py)

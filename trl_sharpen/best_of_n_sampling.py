@@ -147,7 +147,8 @@ class _ShardWriter:
                     details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
                     raise ValueError(
                         f"{output_dir} holds Best-of-N results generated with other arguments ({details}). Use "
-                        "another output_dir, or pass overwrite=True (--overwrite) to discard them."
+                        f"another output_dir, or discard them: delete {output_dir}, or pass overwrite=True "
+                        "(`trl-sharpen bon --overwrite`)."
                     )
             self.shards_dir.mkdir(parents=True, exist_ok=True)
             run_file.write_text(json.dumps(run, indent=2))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .errors import check_output_dir, check_resume_from_checkpoint
 from .monitoring import MonitoringArguments
 from .sampling_arguments import BestOfNSamplingArguments, check_int, field_like, warn_deprecated
 from .self_rewards import get_self_reward
@@ -75,6 +76,9 @@ class BoNSFTConfig(MonitoringArguments, SFTConfig, BestOfNSamplingArguments):
         # Unknown registry names fail here, before any model is loaded
         get_self_reward(self.self_reward)
         check_int("regenerate_every_epochs", self.regenerate_every_epochs, 1, "Regenerate every K >= 1 epochs.")
+        # Best-of-N sampling runs in the trainer's __init__: a bad checkpoint or output folder must fail before it
+        check_resume_from_checkpoint(self.resume_from_checkpoint)
+        check_output_dir(self.output_dir)
         if self.sampling_policy not in SAMPLING_POLICIES:
             raise ValueError(f"Unknown sampling_policy {self.sampling_policy!r}; use one of {SAMPLING_POLICIES}.")
         if self.sampling_policy == "current":

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Value, load_dataset, load_from_disk
 
 from .answers import extract_answer
 
@@ -90,12 +90,31 @@ def validate_prompt_dataset(dataset: Dataset | Sequence, prompt_column: str = "p
         _check_every_prompt(dataset)
 
 
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".arrow")
+
+
+def check_dataset_path(path_or_name: str) -> None:
+    """Refuse a dataset argument that names a local file which is missing or empty, with a message that says so:
+    `load_dataset` would ask the Hub for a missing file, and fail on an empty one with a bare StopIteration."""
+    path = Path(path_or_name).expanduser()
+    if path.is_file():
+        if path.stat().st_size < 1 << 16 and not path.read_bytes().strip():
+            raise ValueError(f"The dataset file {path_or_name} is empty: it holds no prompts.")
+    elif not path.exists() and (
+        path.suffix in FILE_SUFFIXES or path_or_name.startswith(("/", "./", "../", "~")) or path_or_name.count("/") > 1
+    ):
+        raise FileNotFoundError(
+            f"The dataset file {path_or_name} does not exist: check the path (a Hub dataset is named like `org/name`)."
+        )
+
+
 def load_prompts(
     path_or_name: str, split: str = "train", prompt_column: str = "prompt", config: str | None = None
 ) -> Dataset:
     """Load prompts from a saved dataset (`save_to_disk`), any file `datasets` reads (.jsonl, .json, .csv, .parquet,
     .txt: one prompt per line), or a dataset name (with its `config`, e.g. `openai/gsm8k`, `main`)."""
     path = Path(path_or_name)
+    check_dataset_path(path_or_name)
     if is_saved_dataset(path):
         dataset = load_from_disk(str(path))
     elif path.is_file():
@@ -132,6 +151,13 @@ def as_prompt_dataset(
     if prompt_column != "prompt":
         dataset = dataset.rename_column(prompt_column, "prompt")
     if chat_prompts:
+        for split in dataset.values() if isinstance(dataset, DatasetDict) else [dataset]:
+            feature = split.features["prompt"]
+            if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+                raise ValueError(
+                    "--chat_prompts wraps plain-text prompts as one user message, but these prompts are already chat "
+                    "messages (lists of role/content dicts): drop --chat_prompts, their chat template applies anyway."
+                )
         dataset = dataset.map(lambda example: {"prompt": [{"role": "user", "content": example["prompt"]}]})
     if extract_reference_answers and answer_column is not None:
         dataset = dataset.map(lambda example: {answer_column: extract_answer(example[answer_column])})

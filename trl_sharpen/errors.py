@@ -66,7 +66,8 @@ def check_output_dir(path: str | os.PathLike | None, option: str = "output_dir")
             pass
     except OSError as error:
         raise ValueError(
-            f"{option} {path} is not writable ({existing}: {error.strerror or error}). Pass a folder you can write to."
+            f"{option} {path} is not writable (creating a file in {existing} failed: {error.strerror or error}). Pass a "
+            "folder you can write to."
         ) from error
 
 

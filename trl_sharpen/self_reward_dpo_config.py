@@ -7,16 +7,24 @@ from typing import Any
 
 from trl import DPOConfig
 
+from .errors import check_output_dir, check_resume_from_checkpoint
 from .monitoring import MonitoringArguments
+from .sampling_arguments import GenerationArguments, field_like
 
 
 SHARPEN_LOSS = "sharpen"
 SAMPLE_FROM = ("policy", "base")
 TIE_HANDLING = ("skip", "keep")
+# TRL 1.16's DPO losses (the branches of `DPOTrainer`'s loss; tests/test_bad_inputs.py checks them against its
+# `loss_type` help), plus the paper's regression. Checked when the config is built, not at the first step.
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", SHARPEN_LOSS,
+)  # fmt: skip
 
 
 @dataclass
-class SelfRewardDPOConfig(MonitoringArguments, DPOConfig):
+class SelfRewardDPOConfig(MonitoringArguments, DPOConfig, GenerationArguments):
     r"""Configuration for [`SelfRewardDPOTrainer`]: RLHF-Sharpening (Huang et al. 2025, Sec. 2.2 / 4.2) in online
     DPO form.
 
@@ -60,15 +68,8 @@ class SelfRewardDPOConfig(MonitoringArguments, DPOConfig):
             "choices": list(SAMPLE_FROM),
         },
     )
-    max_completion_length: int = field(
-        default=512,
-        metadata={"help": "Maximum number of generated tokens per completion (paper, App. A.4: 512)."},
-    )
-    temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature (paper, App. A.4: temperature 1.0)."}
-    )
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold; 1.0 disables it."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it."})
+    # temperature, top_p, top_k, max_completion_length: GenerationArguments (trl_sharpen.sampling_arguments)
+    max_completion_length: int = field_like(GenerationArguments, "max_completion_length", default=512)
     generation_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={
@@ -170,6 +171,26 @@ class SelfRewardDPOConfig(MonitoringArguments, DPOConfig):
         if self.preset is not None:
             self._apply_preset()
         super().__post_init__()  # turns a single `loss_type` string into a list
+        # temperature > 0, top_p in (0, 1], top_k >= 0, ...: the checks every sampling entry point shares
+        GenerationArguments.__post_init__(self)
+        if self.stop_strings:
+            raise ValueError(
+                f"stop_strings={self.stop_strings!r} is not supported by the DPO and XPO trainers: their samples end "
+                "at EOS or max_completion_length. Unset stop_strings."
+            )
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta > 0:
+            raise ValueError(
+                f"beta must be > 0, got {self.beta!r}. beta weighs the KL to pi_base: 0 leaves the policy "
+                "unanchored and a negative beta rewards moving away from pi_base. Use e.g. 0.1 (TRL's default)."
+            )
+        unknown = [loss for loss in self.loss_type if loss not in DPO_LOSS_TYPES]
+        if unknown:
+            raise ValueError(
+                f"loss_type {unknown[0]!r} is unknown; use one of {list(DPO_LOSS_TYPES)} (several combine with "
+                "loss_weights)."
+            )
+        check_resume_from_checkpoint(self.resume_from_checkpoint)
+        check_output_dir(self.output_dir)
         if self.num_generations < 2:
             raise ValueError(
                 f"num_generations={self.num_generations}: sharpening ranks at least 2 completions per prompt, so "
@@ -187,15 +208,11 @@ class SelfRewardDPOConfig(MonitoringArguments, DPOConfig):
             raise ValueError(f"ties={self.ties!r}; expected one of {list(TIE_HANDLING)}.")
         if self.tie_tolerance < 0:
             raise ValueError(f"tie_tolerance={self.tie_tolerance} must be >= 0.")
-        if self.max_completion_length < 1:
-            raise ValueError(f"max_completion_length={self.max_completion_length} must be >= 1.")
         if self.max_length is not None and self.max_length <= self.max_completion_length:
             raise ValueError(
                 f"max_length={self.max_length} leaves no room for a prompt next to "
                 f"max_completion_length={self.max_completion_length}; raise max_length or set it to null."
             )
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0 (sharpening needs sampled completions).")
         if self.scoring_batch_size is not None and self.scoring_batch_size < 1:
             raise ValueError(f"scoring_batch_size={self.scoring_batch_size} must be >= 1 or unset.")
         if self.precompute_ref_log_probs:
