@@ -59,12 +59,15 @@ def main(script_args: SharpenScriptArguments, training_args: BoNSFTConfig, model
     setup_run(training_args)
     model_name, tokenizer = load_model_name_and_tokenizer(model_args, training_args)
     dataset = load_prompt_datasets(script_args)
+    test_split = script_args.dataset_test_split
 
     # Samples (or reloads) the Best-of-N data under <output_dir>/bon_data before returning
     trainer = BoNSFTTrainer(
         model=model_name,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
+        # held-out prompts for the label-free sharpening metrics and best-iterate selection (trl_sharpen.monitoring)
+        eval_dataset=dataset[test_split] if training_args.eval_strategy != "no" and test_split in dataset else None,
         processing_class=tokenizer,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
