@@ -146,6 +146,26 @@ def test_sequence_logprobs_equal_a_naive_full_logits_pass(which, request):
 
 
 @real_model
+def test_left_padding_with_pad_equal_to_eos_leaves_greedy_outputs_unchanged(smollm2):
+    """SmolLM2 pads with its EOS (<|im_end|>): a short prompt batched with a long one (so left-padded by 40+
+    EOS tokens) must decode exactly as alone, with the same recorded log-probability."""
+    model, tokenizer = smollm2
+
+    def chat(text):
+        messages = [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+    short = chat("What is 2 + 2?")
+    long = chat("Please explain, step by step and with care, " * 6 + "what 12 + 30 is.")
+    assert len(long) - len(short) > 40 and tokenizer.pad_token_id == tokenizer.eos_token_id
+    config = sampling_config(model, tokenizer, do_sample=False, max_new_tokens=16)
+    alone = generate_completions(model, [short], config)
+    batched = generate_completions(model, [long, short], config)
+    assert batched.completion_ids[1] == alone.completion_ids[0]
+    assert abs(batched.logprobs[1] - alone.logprobs[0]) < 1e-3
+
+
+@real_model
 def test_best_of_n_chat_stops_at_end_of_turn_and_rewards_equal_rescoring(smollm2):
     model, tokenizer = smollm2
     prompts = [
