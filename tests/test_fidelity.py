@@ -6,9 +6,11 @@ measured at pi_base's most likely response)."""
 import json
 import logging
 import os
+import shutil
+import struct
 
 import pytest
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 
 from trl_sharpen import best_of_n
 from trl_sharpen.best_of_n_sampling import adaptive_stopping_index, select_best
@@ -138,3 +140,125 @@ def test_output_dir_equal_to_the_input_dataset_is_refused(toy_model, toy_tokeniz
     with pytest.raises(ValueError, match="holds the input prompts"):
         best_of_n(toy_model, toy_tokenizer, prompts, num_samples=2, output_dir=saved, **FAST)
     assert sorted(p.name for p in saved.iterdir()) == before
+
+
+# 12. Shards are checksummed: a corrupt shard is sampled again, never merged ----------------------------------------
+
+
+class CountingReward:
+    """`logprob` that counts its calls (one per shard sampled) and can run an action on a given call."""
+
+    __name__ = "counting_logprob"
+
+    def __init__(self, on_call=None):
+        self.calls, self.on_call = 0, on_call or {}
+
+    def __call__(self, prompts, completions, completion_ids, base_logprobs, **kwargs):
+        self.calls += 1
+        if self.calls in self.on_call:
+            self.on_call[self.calls]()
+        return base_logprobs
+
+
+def corrupt(shard_dir):
+    """Overwrite the first sampled token id of the shard with b"AAAA" in its arrow file: the shard still loads, with
+    token id 1094795585 in a 113-token vocabulary (the issue's case)."""
+    first = load_from_disk(str(shard_dir))[0]["completion_ids"][0]
+    arrow = next(shard_dir.glob("data-*.arrow"))
+    data = arrow.read_bytes()
+    pattern = struct.pack("<2i", *first[:2])
+    assert data.count(pattern) >= 1
+    arrow.write_bytes(data.replace(pattern, b"AAAA" + pattern[4:], 1))
+    assert load_from_disk(str(shard_dir))[0]["completion_ids"][0][0] == 1094795585  # silent: it loads
+
+
+def test_a_corrupted_shard_is_sampled_again_and_named(toy_model, toy_tokenizer, tmp_path, caplog):
+    prompts = load_toy_prompts("test", limit=8)
+    kwargs = dict(num_samples=2, shard_size=4, output_dir=tmp_path, **FAST)
+    good = best_of_n(toy_model, toy_tokenizer, prompts, self_reward=CountingReward(), **kwargs)
+    good_ids = good["completion_ids"]
+    corrupt(tmp_path / "shards" / "shard-00001")
+    reward = CountingReward()
+    with caplog.at_level(logging.WARNING, logger="trl_sharpen"):
+        again = best_of_n(toy_model, toy_tokenizer, prompts, self_reward=reward, **kwargs)
+    assert reward.calls == 1 and "shard-00001" in caplog.text and "checksum" in caplog.text
+    assert again["completion_ids"] == good_ids  # same seed: the re-sampled shard is the one that was lost
+    assert load_from_disk(str(tmp_path))["completion_ids"] == good_ids
+
+
+def test_a_shard_corrupted_before_merging_never_reaches_the_final_dataset(toy_model, toy_tokenizer, tmp_path):
+    prompts = load_toy_prompts("test", limit=8)
+    kwargs = dict(num_samples=2, shard_size=4, output_dir=tmp_path, **FAST)
+    good_ids = best_of_n(toy_model, toy_tokenizer, prompts, self_reward=CountingReward(), **kwargs)["completion_ids"]
+    shutil.rmtree(tmp_path / "shards" / "shard-00001")
+    # While shard 1 is sampled again, shard 0 goes bad on disk
+    reward = CountingReward(on_call={1: lambda: corrupt(tmp_path / "shards" / "shard-00000")})
+    with pytest.raises(RuntimeError, match="shard-00000.*checksum"):
+        best_of_n(toy_model, toy_tokenizer, prompts, self_reward=reward, **kwargs)
+    assert load_from_disk(str(tmp_path))["completion_ids"] == good_ids  # the good final dataset is kept
+    assert (
+        best_of_n(toy_model, toy_tokenizer, prompts, self_reward=CountingReward(), **kwargs)["completion_ids"]
+        == good_ids
+    )
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage"])
+def test_a_shard_with_a_missing_or_corrupt_state_json_is_sampled_again(toy_model, toy_tokenizer, tmp_path, damage):
+    prompts = load_toy_prompts("test", limit=8)
+    kwargs = dict(num_samples=2, shard_size=4, output_dir=tmp_path, **FAST)
+    good_ids = best_of_n(toy_model, toy_tokenizer, prompts, self_reward=CountingReward(), **kwargs)["completion_ids"]
+    state = tmp_path / "shards" / "shard-00000" / "state.json"
+    if damage == "missing":
+        state.unlink()
+    else:
+        state.write_text("{not json")
+    reward = CountingReward()
+    assert best_of_n(toy_model, toy_tokenizer, prompts, self_reward=reward, **kwargs)["completion_ids"] == good_ids
+    assert reward.calls == 1
+
+
+def test_a_failed_first_run_does_not_lock_the_output_dir(toy_model, toy_tokenizer, tmp_path):
+    prompts = load_toy_prompts("test", limit=4)
+
+    def fail():
+        raise KeyboardInterrupt("killed before any shard was written")
+
+    with pytest.raises(KeyboardInterrupt):
+        best_of_n(toy_model, toy_tokenizer, prompts, 2, CountingReward({1: fail}), output_dir=tmp_path, **FAST)
+    result = best_of_n(toy_model, toy_tokenizer, prompts, num_samples=3, output_dir=tmp_path, **FAST)
+    assert set(result["num_samples"]) == {3}
+
+
+# 6. SFT never trains on a Best-of-N completion cut by max_length ---------------------------------------------------
+
+
+def test_sft_rows_longer_than_max_length_are_dropped_with_a_count(caplog):
+    from trl_sharpen.bon_sft_trainer import selected_sequences
+
+    bon = Dataset.from_dict(
+        {
+            "prompt_ids": [[1, 2], [1, 2, 3]],
+            "selected_completion_ids": [[4, 5], [4, 5, 6, 7]],
+            "selected_index": [0, 1],
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="trl_sharpen"):
+        assert selected_sequences(bon, max_length=5)["input_ids"] == [[1, 2, 4, 5]]
+    assert "Dropped 1 of 2 Best-of-N rows" in caplog.text and "max_length=5" in caplog.text
+    with pytest.raises(ValueError, match="Every Best-of-N row is longer than max_length=3"):
+        selected_sequences(bon, max_length=3)
+
+
+def test_the_sft_trainer_trains_only_on_whole_completions(toy_model, toy_tokenizer, tmp_path):
+    from trl_sharpen import BoNSFTConfig, BoNSFTTrainer
+
+    from .trainer_args import cpu_test_args
+
+    bon = best_of_n(toy_model, toy_tokenizer, load_toy_prompts("test", limit=16), num_samples=2, **FAST)
+    lengths = sorted(len(p) + len(c) for p, c in zip(bon["prompt_ids"], bon["selected_completion_ids"]))
+    max_length = lengths[len(lengths) // 2]
+    args = cpu_test_args(BoNSFTConfig, tmp_path, max_length=max_length, num_samples=2)
+    trainer = BoNSFTTrainer(model=toy_model, args=args, train_dataset=bon, processing_class=toy_tokenizer)
+    rows = trainer.train_dataset["input_ids"]
+    assert len(rows) == sum(length <= max_length for length in lengths) < len(bon)
+    assert all(row[-1] == toy_tokenizer.eos_token_id for row in rows)  # no answer without its end

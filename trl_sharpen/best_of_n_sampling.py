@@ -25,6 +25,7 @@ with `save_to_disk` in `output_dir`) holding, per prompt, the input columns plus
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from accelerate.utils import gather_object
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
-from .data import ensure_pad_token, model_max_length, tokenize_prompts, validate_prompt_dataset
+from .data import ensure_pad_token, is_saved_dataset, model_max_length, tokenize_prompts, validate_prompt_dataset
 from .fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
 from .generation import Completions, eval_mode, generate_completions, sampling_config, seeded
 from .sampling_arguments import BestOfNSamplingArguments, sampling_arguments
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "bon_run.json"
 SHARDS_DIR = "shards"
+CHECKSUM_FILE = "checksums.json"  # in each shard folder: sha256 of its files
 
 BON_FEATURES = Features(
     {
@@ -127,8 +129,24 @@ def check_output_dir_is_not_input(output_dir: Path, prompts: Dataset) -> None:
             )
 
 
+def _file_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a saved dataset folder (data, `state.json`, `dataset_info.json`)."""
+    checksums = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != CHECKSUM_FILE:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            checksums[path.name] = digest.hexdigest()
+    return checksums
+
+
 class _ShardWriter:
-    """Shard files under `output_dir/shards`, each written atomically (temporary folder, then rename)."""
+    """Shard folders under `output_dir/shards`, each written atomically (temporary folder, then rename) with the
+    sha256 of its files in `checksums.json`. A shard is reused only when its files still match: one that is
+    incomplete, edited or corrupted on disk is named in the log and sampled again, and the final dataset is merged
+    only from shards that pass the check."""
 
     def __init__(self, output_dir: Path | None, run: dict, overwrite: bool):
         self.output_dir = output_dir
@@ -138,10 +156,12 @@ class _ShardWriter:
         state = PartialState()
         if state.is_main_process:
             run_file = output_dir / RUN_FILE
-            if run_file.exists() and overwrite:
+            if overwrite:
                 shutil.rmtree(self.shards_dir, ignore_errors=True)
-            elif run_file.exists():
-                previous = json.loads(run_file.read_text())
+            elif self._holds_results():
+                # Results of a run that got at least one shard (or the final dataset) written: resume only with the
+                # same arguments. A run file alone (a first run that failed before any shard) locks nothing.
+                previous = self._previous_run(run_file)
                 changed = {k: (previous.get(k), v) for k, v in run.items() if previous.get(k) != v}
                 if changed:
                     details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -154,11 +174,44 @@ class _ShardWriter:
             run_file.write_text(json.dumps(run, indent=2))
         state.wait_for_everyone()
 
+    def _holds_results(self) -> bool:
+        shards = self.shards_dir.is_dir() and any(p.name.startswith("shard-") for p in self.shards_dir.iterdir())
+        return shards or is_saved_dataset(self.output_dir)
+
+    def _previous_run(self, run_file: Path) -> dict:
+        try:
+            return json.loads(run_file.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"{self.output_dir} holds Best-of-N results, but their arguments cannot be read from {run_file} "
+                f"({error}), so they cannot be resumed safely. Use another output_dir, or discard them: delete "
+                f"{self.output_dir}, or pass overwrite=True (`trl-sharpen bon --overwrite`)."
+            ) from None
+
     def path(self, shard: int) -> Path:
         return self.shards_dir / f"shard-{shard:05d}"
 
+    def problem(self, shard: int) -> str | None:
+        """Why a shard folder on disk cannot be used (None when its files match their checksums)."""
+        path = self.path(shard)
+        try:
+            expected = json.loads((path / CHECKSUM_FILE).read_text())
+        except (OSError, ValueError):
+            return f"{CHECKSUM_FILE} is missing or unreadable"
+        actual = _file_checksums(path)
+        bad = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
+        return f"checksum mismatch in {', '.join(bad)}" if bad else None
+
     def done(self, shard: int) -> bool:
-        return self.output_dir is not None and (self.path(shard) / "state.json").exists()
+        """Whether the shard is on disk and intact; a damaged one is logged and removed, to be sampled again."""
+        if self.output_dir is None or not self.path(shard).exists():
+            return False
+        problem = self.problem(shard)
+        if problem is None:
+            return True
+        logger.warning("%s failed its checksum check (%s): sampling it again.", self.path(shard), problem)
+        shutil.rmtree(self.path(shard), ignore_errors=True)
+        return False
 
     def write(self, shard: int, dataset: Dataset) -> None:
         if self.output_dir is None:
@@ -166,10 +219,22 @@ class _ShardWriter:
         tmp = self.shards_dir / f".tmp-shard-{shard:05d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         dataset.save_to_disk(str(tmp))
+        (tmp / CHECKSUM_FILE).write_text(json.dumps(_file_checksums(tmp), indent=2))
+        shutil.rmtree(self.path(shard), ignore_errors=True)  # a damaged copy (rename cannot replace a full folder)
         os.replace(tmp, self.path(shard))
 
-    def read(self, shard: int) -> Dataset:
-        return load_from_disk(str(self.path(shard)))
+    def read_verified(self, num_shards: int) -> Dataset:
+        """All shards, each checked against its checksums first: a damaged shard stops the merge, so the final
+        dataset (and a good one already in output_dir) is never replaced by damaged data."""
+        for shard in range(num_shards):
+            problem = self.problem(shard)
+            if problem is not None:
+                raise RuntimeError(
+                    f"{self.path(shard)} failed its checksum check before merging ({problem}); the final dataset "
+                    f"in {self.output_dir} was left as it was. Run again with the same arguments: the damaged shard "
+                    "is sampled again."
+                )
+        return concatenate_datasets([load_from_disk(str(self.path(s))) for s in range(num_shards)])
 
 
 def best_of_n(
@@ -303,10 +368,24 @@ def best_of_n(
     state.wait_for_everyone()
     with _quiet_datasets():
         if state.is_main_process:
-            result = concatenate_datasets([writer.read(s) for s in range(num_shards)])
-            result.save_to_disk(str(output_dir))
+            _save_final(writer.read_verified(num_shards), output_dir)
         state.wait_for_everyone()
         return load_from_disk(str(output_dir))
+
+
+def _save_final(dataset: Dataset, output_dir: Path) -> None:
+    """Save the merged dataset into output_dir (beside `shards/`) without a moment where it holds a half-written one:
+    save to a temporary folder, then move the files in, `state.json` (which names the data files) last."""
+    tmp = output_dir / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(str(tmp))
+    names = sorted((p.name for p in tmp.iterdir()), key=lambda name: name == "state.json")
+    for name in names:
+        os.replace(tmp / name, output_dir / name)
+    tmp.rmdir()
+    for stale in output_dir.glob("data-*.arrow"):  # data files of a previous, larger final dataset
+        if stale.name not in names:
+            stale.unlink()
 
 
 def _best_of_n_shard(

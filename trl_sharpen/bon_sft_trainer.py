@@ -58,10 +58,11 @@ def is_bon_dataset(dataset) -> bool:
     return {"prompt_ids", "selected_completion_ids", "selected_index"} <= set(columns)
 
 
-def selected_sequences(bon: Dataset) -> Dataset:
+def selected_sequences(bon: Dataset, max_length: int | None = None) -> Dataset:
     """TRL's pre-tokenized SFT format from Best-of-N results: `input_ids` = prompt ids + the selected completion's
     exact sampled ids (never re-tokenized text), `completion_mask` = 1 on the completion. Prompts without a selection
-    (every sample dropped as truncated) are left out."""
+    (every sample dropped as truncated) are left out, and so are sequences longer than `max_length`, with a warning
+    that counts them: TRL would cut them silently, and the model would learn an answer without its end."""
     rows = [
         (list(prompt), list(completion))
         for prompt, completion, index in zip(bon["prompt_ids"], bon["selected_completion_ids"], bon["selected_index"])
@@ -72,6 +73,25 @@ def selected_sequences(bon: Dataset) -> Dataset:
             "No prompt has a selected completion (every sample was truncated and truncated_completions='drop'): "
             "raise max_completion_length, or use truncated_completions='penalize'."
         )
+    if max_length is not None:
+        fitting = [(prompt, completion) for prompt, completion in rows if len(prompt) + len(completion) <= max_length]
+        if len(fitting) < len(rows):
+            longest = max(len(prompt) + len(completion) for prompt, completion in rows)
+            logger.warning(
+                "Dropped %d of %d Best-of-N rows whose prompt + selected completion is longer than max_length=%d "
+                "tokens (longest: %d): TRL would cut them, and the model would learn answers without their end. "
+                "Raise max_length to keep them.",
+                len(rows) - len(fitting),
+                len(rows),
+                max_length,
+                longest,
+            )
+        if not fitting:
+            raise ValueError(
+                f"Every Best-of-N row is longer than max_length={max_length} tokens (prompt + selected completion, "
+                f"up to {longest}): nothing is left to train on. Raise max_length."
+            )
+        rows = fitting
     return Dataset.from_dict(
         {
             "input_ids": [prompt + completion for prompt, completion in rows],
@@ -249,7 +269,7 @@ class BoNSFTTrainer(SharpeningMonitorMixin, SFTTrainer):
             return dataset  # prompts: sampled once the model is in place, see `_load_round`
         columns = set(getattr(dataset, "column_names", None) or [])
         if is_bon_dataset(dataset):
-            dataset = selected_sequences(dataset)
+            dataset = selected_sequences(dataset, args.max_length)
         elif is_prompt_only(dataset) and dataset_name.startswith("eval"):
             return dataset  # held-out prompts for the sharpening metrics (`trl_sharpen.monitoring`)
         elif "prompt" in columns and "completion" not in columns:
@@ -277,6 +297,16 @@ class BoNSFTTrainer(SharpeningMonitorMixin, SFTTrainer):
 
     def _use_round(self, round_index: int, bon: Dataset) -> None:
         args = self.args
+        if args.sampling_policy == "current" and args.max_length is not None:
+            # Rows longer than max_length are dropped, which would change the row count of a later round mid-epoch
+            needed = max(map(len, bon["prompt_ids"])) + args.max_completion_length
+            if needed > args.max_length:
+                raise ValueError(
+                    f"max_length={args.max_length} is too short for sampling_policy='current': the longest prompt "
+                    f"plus max_completion_length={args.max_completion_length} is {needed} tokens, and rows longer "
+                    "than max_length are dropped (never trained on cut), which would change the number of rows "
+                    f"between rounds. Set max_length to at least {needed}."
+                )
         train = self._prepare_dataset(bon, self.processing_class, args, args.packing, None, "train")
         if isinstance(self.train_dataset, _SwappableDataset):
             if len(train) != len(self.train_dataset):  # guarded by the config; a changed row count breaks the epoch
