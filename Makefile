@@ -10,7 +10,7 @@ install:
 # Inference-time Best-of-N on the bundled toy base: greedy vs BoN@16 accuracy (about a minute on CPU)
 demo:
 	trl-sharpen bon --model_name_or_path trl_sharpen/toy/base_model --dataset_name trl_sharpen/toy/data/test.jsonl \
-		--num_samples 16 --max_new_tokens 48 --answer_column answer --output_dir outputs/bon_demo --overwrite
+		--num_samples 16 --max_completion_length 48 --answer_column answer --output_dir outputs/bon_demo --overwrite
 
 # The headline job: online self-reward DPO on the toy base, greedy accuracy before and after
 train:

@@ -11,7 +11,7 @@ The bundled toy task on CPU (a 139k-parameter model; a minute or two), from the 
     accelerate launch recipes/sft_sharpen.py --config recipes/sft_sharpen/toy_cpu.yaml
 
     # adaptive sampling (App. D: fewer samples where the base is confident), or iterated sharpening
-    accelerate launch recipes/sft_sharpen.py --config recipes/sft_sharpen/toy_cpu.yaml --adaptive_sampling true
+    accelerate launch recipes/sft_sharpen.py --config recipes/sft_sharpen/toy_cpu.yaml --adaptive_delta 0.1
     accelerate launch recipes/sft_sharpen.py --config recipes/sft_sharpen/toy_cpu.yaml --sampling_policy current \\
         --num_train_epochs 2 --output_dir outputs/sft_sharpen/toy_current
 
@@ -43,7 +43,7 @@ from trl_sharpen.script_utils import (
 
 def report_bon_data(trainer: BoNSFTTrainer, script_args: SharpenScriptArguments) -> None:
     """Accuracy of the selected completions the model is trained on (the teacher: BoN@N on the train prompts)."""
-    bon, column = trainer.bon_dataset, script_args.eval_answer_column
+    bon, column = trainer.bon_dataset, script_args.answer_column
     if column is None or column not in bon.column_names or not PartialState().is_main_process:
         return
     correct = [c is not None and answers_match(c, a) for c, a in zip(bon["selected_completion"], bon[column])]

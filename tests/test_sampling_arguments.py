@@ -175,3 +175,20 @@ def test_cli_module_imports_no_torch():
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert help_out.returncode == 0 and "commands: bon, eval" in help_out.stdout, help_out.stderr
+
+
+def test_recipe_script_arguments_take_the_cli_names_and_the_old_ones():
+    from trl_sharpen.script_utils import SharpenScriptArguments
+
+    with pytest.warns(FutureWarning, match="`eval_answer_column` is deprecated"):
+        args = SharpenScriptArguments(eval_answer_column="solution", eval_max_new_tokens=9)
+    assert (args.answer_column, args.eval_max_completion_length) == ("solution", 9)
+
+
+def test_recipe_yamls_use_no_deprecated_name():
+    from tests.launching import REPO, parse_recipe_yaml
+
+    for path in sorted((REPO / "recipes").glob("*/*.yaml")):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*will be removed in a future release", category=FutureWarning)
+            parse_recipe_yaml(path)

@@ -4,6 +4,7 @@ tokenizer -> data -> trainer -> report callback -> train -> save, with the steps
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from .callbacks import GreedyReportCallback
 from .data import as_prompt_dataset, check_dataset_path, ensure_pad_token, is_saved_dataset
 from .distributed import print_rank_summary
 from .real_models import resolve_model_name_or_path
+from .sampling_arguments import warn_deprecated
 from .toy import TOY_DATA_DIR, TOY_MODEL_PATH
 
 
@@ -34,15 +36,17 @@ class SharpenScriptArguments(ScriptArguments):
     num_train_prompts: int | None = field(
         default=None, metadata={"help": "Use only the first N training prompts (default: all)."}
     )
-    eval_answer_column: str | None = field(
+    answer_column: str | None = field(
         default="answer",
         metadata={
-            "help": "Column of the test split with reference answers; greedy accuracy on the test split is printed "
-            "before and after training when it exists. Set to null to skip."
+            "help": "Column with the reference answers; greedy accuracy on the test split is printed before and after "
+            "training when it exists. Set to null to skip. Formerly `eval_answer_column` (the CLI's name is this one)."
         },
     )
     num_eval_prompts: int = field(default=200, metadata={"help": "Test prompts used for the greedy evaluation."})
-    eval_max_new_tokens: int = field(default=64, metadata={"help": "Generation length of the greedy evaluation."})
+    eval_max_completion_length: int = field(
+        default=64, metadata={"help": "Generation length of the greedy evaluation. Formerly `eval_max_new_tokens`."}
+    )
     prompt_column: str = field(
         default="prompt",
         metadata={"help": "Column holding the prompts, renamed to `prompt` (e.g. `question` for openai/gsm8k)."},
@@ -61,6 +65,19 @@ class SharpenScriptArguments(ScriptArguments):
             "final answer extracted from them (last \\boxed{} or last number)."
         },
     )
+    # Old names, hidden from --help, still read (with a FutureWarning)
+    eval_answer_column: str | None = field(default=None, metadata={"help": argparse.SUPPRESS})
+    eval_max_new_tokens: int | None = field(default=None, metadata={"help": argparse.SUPPRESS})
+
+    def __post_init__(self):
+        for old, new in (
+            ("eval_answer_column", "answer_column"),
+            ("eval_max_new_tokens", "eval_max_completion_length"),
+        ):
+            if getattr(self, old) is not None:
+                warn_deprecated(old, new)
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
 
 
 def load_prompt_datasets(script_args: SharpenScriptArguments) -> DatasetDict:
@@ -78,20 +95,20 @@ def load_prompt_datasets(script_args: SharpenScriptArguments) -> DatasetDict:
         dataset,
         script_args.prompt_column,
         script_args.chat_prompts,
-        script_args.eval_answer_column,
+        script_args.answer_column,
         script_args.extract_reference_answers,
     )
 
 
 def add_greedy_report(trainer, dataset: DatasetDict, script_args: SharpenScriptArguments) -> None:
     """Add the before/after greedy report (`GreedyReportCallback`) on the test split, when it has reference answers."""
-    split, column = script_args.dataset_test_split, script_args.eval_answer_column
+    split, column = script_args.dataset_test_split, script_args.answer_column
     if column is None or split not in dataset or column not in dataset[split].column_names:
         return
     test = dataset[split].select(range(min(len(dataset[split]), script_args.num_eval_prompts)))
     trainer.add_callback(
         GreedyReportCallback(
-            trainer, test, answer_column=column, max_new_tokens=script_args.eval_max_new_tokens, name=split
+            trainer, test, answer_column=column, max_new_tokens=script_args.eval_max_completion_length, name=split
         )
     )
 
