@@ -180,3 +180,21 @@ def test_generation_time_logprobs_equal_rescored_logprobs(toy_model, toy_tokeniz
     assert len(samples) == 32 and any(samples.truncated) and not all(samples.truncated)
     rescored = sequence_logprobs(toy_model, [prompts[i] for i in samples.prompt_index], samples.completion_ids)
     torch.testing.assert_close(torch.tensor(samples.logprobs), rescored, atol=1e-4, rtol=1e-5)
+
+
+def test_default_chunking_follows_the_vocabulary(toy_model, samples, monkeypatch):
+    """The default chunk holds LOGITS_CHUNK_BYTES of float32 logits whatever the vocabulary (128 positions at
+    Gemma's 262k): forcing 3 positions per chunk gives the same values and projects 3 positions at a time."""
+    import trl_sharpen.logprobs as logprobs
+
+    prompts, completions = samples
+    vocab = toy_model.config.vocab_size
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_BYTES", 4 * vocab * 3)
+    widths = []
+    hook = toy_model.get_output_embeddings().register_forward_hook(lambda m, i, o: widths.append(o.shape[0]))
+    try:
+        got = sequence_logprobs(toy_model, prompts, completions)
+    finally:
+        hook.remove()
+    assert max(widths) == 3 and sum(widths) == sum(map(len, completions))
+    torch.testing.assert_close(got, naive_logprobs(toy_model, prompts, completions), atol=1e-5, rtol=1e-5)

@@ -15,9 +15,10 @@ from accelerate.utils import extract_model_from_parallel, is_peft_model
 
 TokenIds = torch.Tensor | Sequence[Sequence[int]]
 
-# Positions projected through the LM head at once: bounds the float32 logits alive at a time to
-# `LOGITS_CHUNK_TOKENS * vocab_size * 4` bytes (128 MiB at a 32k vocabulary).
-LOGITS_CHUNK_TOKENS = 1024
+# Float32 logits alive at a time while scoring: the positions projected through the LM head at once are
+# `LOGITS_CHUNK_BYTES // (4 * vocab_size)`, so the bound holds at any vocabulary (1024 positions at 32k, 682 at
+# SmolLM2's 49k, 128 at Gemma's 262k).
+LOGITS_CHUNK_BYTES = 128 * 2**20
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -118,7 +119,7 @@ def sequence_logprobs(
     prompt_mask: torch.Tensor | None = None,
     completion_mask: torch.Tensor | None = None,
     micro_batch_size: int = 16,
-    logits_chunk_tokens: int = LOGITS_CHUNK_TOKENS,
+    logits_chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     r"""Sequence log-probability of each completion given its prompt, summed over completion tokens only:
 
@@ -138,7 +139,8 @@ def sequence_logprobs(
             `completion_mask_from_eos`) so that trailing pads are not counted as more EOS tokens.
         prompt_mask, completion_mask: 1 for real tokens. Default: every position of a tensor is real.
         micro_batch_size: sequences per backbone forward.
-        logits_chunk_tokens: completion positions projected through the LM head at once.
+        logits_chunk_tokens: completion positions projected through the LM head at once (default: as many as
+            fit in `LOGITS_CHUNK_BYTES` of float32 logits at the model's vocabulary size).
 
     Returns:
         float32 tensor of shape `(batch,)` on the model's device; 0.0 for an empty completion.
@@ -147,6 +149,9 @@ def sequence_logprobs(
     backbone = causal_lm.base_model
     head = causal_lm.get_output_embeddings()
     transform = _logit_transform(causal_lm.config)
+    # out_features, not weight.shape: a ZeRO-3 partitioned weight has shape (0,)
+    vocab_size = getattr(head, "out_features", None) or causal_lm.config.get_text_config().vocab_size
+    chunk_tokens = logits_chunk_tokens or max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
     device = head.weight.device if head.weight.device.type != "meta" else next(causal_lm.parameters()).device
 
     input_ids, attention_mask, is_completion = pack_prompt_completion(
@@ -175,8 +180,8 @@ def sequence_logprobs(
         targets = ids[:, 1:][targets_mask]
         row_of_token = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(targets_mask)[targets_mask]
         sums = torch.zeros(len(rows), dtype=torch.float32, device=device)
-        for chunk in range(0, targets.numel(), logits_chunk_tokens):
-            piece = slice(chunk, chunk + logits_chunk_tokens)
+        for chunk in range(0, targets.numel(), chunk_tokens):
+            piece = slice(chunk, chunk + chunk_tokens)
             logits = transform(head(states[piece])).float()
             token_logps = logits.gather(-1, targets[piece].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
             sums.index_add_(0, row_of_token[piece], token_logps)
