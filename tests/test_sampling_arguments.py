@@ -61,7 +61,7 @@ def test_valid_settings_and_defaults():
         64,
         64,
     )
-    assert args.generation_kwargs() == {
+    assert args.sampling_config_kwargs() == {
         "temperature": 1.0,
         "top_p": 1.0,
         "top_k": 0,

@@ -294,7 +294,7 @@ def best_of_n(
             f"num_samples={num_samples}: with 2 samples the votes always tie (one answer: 1 and 1; two answers: 1/2 "
             "and 1/2), so Best-of-N would keep sample 0. Raise num_samples, or use self_reward='logprob'."
         )
-    generation_config = sampling_config(model, tokenizer, **sampling.generation_kwargs())
+    generation_config = sampling_config(model, tokenizer, **sampling.sampling_config_kwargs())
     prompt_ids = tokenize_prompts(
         tokenizer, prompts[prompt_column], max_new_tokens=max_new_tokens, max_length=model_max_length(model)
     )

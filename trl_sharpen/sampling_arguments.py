@@ -134,8 +134,9 @@ class GenerationArguments:
             setattr(self, new, value)
             setattr(self, old, None)
 
-    def generation_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `trl_sharpen.generation.sampling_config`."""
+    def sampling_config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `trl_sharpen.generation.sampling_config` (not named `generation_kwargs`: TRL configs
+        have a field of that name, extra `GenerationConfig` arguments)."""
         kwargs = {
             "temperature": self.temperature,
             "top_p": self.top_p,

@@ -177,10 +177,7 @@ class SelfRewardDPOTrainer(SharpeningMonitorMixin, DPOTrainer):
         self.generation_config = sampling_config(
             self.accelerator.unwrap_model(self.model),
             self._tokenizer,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            max_new_tokens=args.max_completion_length,
+            **args.sampling_config_kwargs(),  # temperature, top_p, top_k, max_completion_length (GenerationArguments)
             **(args.generation_kwargs or {}),
         )
         # Prompts are never truncated: `_prepare_dataset` keeps only prompts with room for a full completion, so the
