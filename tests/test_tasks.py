@@ -219,3 +219,22 @@ def test_cli_writes_jsonl_splits(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tasks_main(["arithmetic", "--level", "add1", "--num_train", "99", "--output_dir", str(tmp_path)])
     assert set(TASKS) == {"arithmetic", "prontoqa"}
+
+
+SHIPPED = {
+    "arithmetic_add1_chat": ("arithmetic", dict(level="add1", form="chat", num_train=60, num_test=40)),
+    "prontoqa_chat": ("prontoqa", dict(form="chat", num_train=200, num_test=40)),
+}
+
+
+@pytest.mark.parametrize("folder", list(SHIPPED))
+def test_shipped_task_data_is_what_the_generator_writes(folder):
+    """The recipes' datasets (trl_sharpen/tasks/data/*) are reproducible: python -m trl_sharpen.tasks writes them."""
+    from pathlib import Path
+
+    data = Path(arithmetic.__file__).parent / "data" / folder
+    task, options = SHIPPED[folder]
+    expected = generate_task(task, **options)
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()]
+        assert rows == expected[split]
