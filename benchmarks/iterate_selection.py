@@ -128,6 +128,7 @@ def table(runs: list[dict], beta: float) -> str:
     for other in ALTERNATIVE_BETAS:
         signals[f"J_beta (beta={other:g})"] = lambda e, b=other: e["base_logprob"] - b * e["kl"]
     signals["greedy log pi_base"] = lambda e: e["greedy_base_logprob"]
+    signals["lowest delta"] = lambda e: -e["sharpening_error"]
     signals["most distinct answers"] = lambda e: e["distinct_answers"]
     header = "| configuration | last iterate | J_beta-selected (Trainer, restored) | best seen | selected / best |"
     lines = [header, "|---|---|---|---|---|"]
@@ -155,26 +156,52 @@ def table(runs: list[dict], beta: float) -> str:
     )
 
 
+def per_evaluation(runs: list[dict]) -> str:
+    """Every evaluation's figures (the plot's data), so the table can be checked without rerunning."""
+    keys = ["accuracy", "objective", "base_logprob", "kl", "entropy", "greedy_base_logprob", "sharpening_error",
+            "distinct_answers", "mean_length"]  # fmt: skip
+    blocks = []
+    for run in runs:
+        lines = [f"**{run['name']}**", "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for entry in run["evaluations"]:
+            marker = " (J_beta-selected)" if entry["step"] == run["best_global_step"] else ""
+            cells = " | ".join(f"{entry[key]:.3f}" for key in keys)
+            lines.append(f"| {entry['step']}{marker} | {cells} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def plot(runs: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(4.2 * len(runs), 7.0), dpi=110, layout="constrained")
-    grid = figure.subplots(3, len(runs), squeeze=False, sharex="col")
+    panels = [
+        ("greedy test accuracy\n(labels: scoring only)", "accuracy", "tab:green"),
+        ("J_beta (eval_objective)", "objective", "tab:blue"),
+        ("log pi_base of greedy output\n(eval_greedy_base_logprob)", "greedy_base_logprob", "tab:purple"),
+        ("delta at argmax pi_base\n(eval_sharpening_error)", "sharpening_error", "tab:brown"),
+        ("distinct answers among k\n(eval_distinct_answers)", "distinct_answers", "tab:orange"),
+    ]
+    figure = Figure(figsize=(4.2 * len(runs), 2.4 * len(panels)), dpi=110, layout="constrained")
+    grid = figure.subplots(len(panels), len(runs), squeeze=False, sharex="col")
     for column, run in enumerate(runs):
         steps = [e["step"] for e in run["evaluations"]]
         chosen = run["best_global_step"]
-        panels = [
-            ("greedy test accuracy\n(labels: scoring only)", "accuracy", "tab:green"),
-            ("J_beta (eval_objective)", "objective", "tab:blue"),
-            ("distinct answers among k", "distinct_answers", "tab:orange"),
-        ]
+        by_delta = select(run["evaluations"], lambda e: -e["sharpening_error"])["step"]
         for row, (label, key, color) in enumerate(panels):
             axes = grid[row][column]
             values = [e[key] for e in run["evaluations"]]
             axes.plot(steps, values, marker="o", markersize=3, color=color)
-            axes.axvline(chosen, color="black", linestyle="--", linewidth=1)
-            axes.plot([chosen], [values[steps.index(chosen)]], marker="*", markersize=14, color="red",
-                      label="J_beta-selected iterate" if row == 0 else None)  # fmt: skip
+            if key in ("objective", "greedy_base_logprob") and min(values) < max(values) - 3:
+                # a collapse sends these hundreds of nats down: show the top 3 nats, say what is off-scale
+                axes.set_ylim(max(values) - 3, max(values) + 0.2)
+                off = [step for step, value in zip(steps, values) if value < max(values) - 3]
+                axes.text(0.98, 0.04, f"off-scale below from step {off[0]}", transform=axes.transAxes,
+                          ha="right", fontsize="x-small")  # fmt: skip
+            axes.axvline(chosen, color="red", linestyle="--", linewidth=1)
+            axes.plot([chosen], [values[steps.index(chosen)]], marker="*", markersize=14, color="red", linestyle="",
+                      label="J_beta-selected (load_best_model_at_end)" if row == 0 else None)  # fmt: skip
+            axes.plot([by_delta], [values[steps.index(by_delta)]], marker="^", markersize=9, color="black",
+                      linestyle="", label="lowest-delta-selected" if row == 0 else None)  # fmt: skip
             axes.grid(alpha=0.3)
             if column == 0:
                 axes.set_ylabel(label, fontsize="small")
@@ -238,7 +265,7 @@ def main(argv=None) -> None:
     text = table(runs, beta)
     output.with_suffix(".md").write_text(
         f"# Iterate selection by J_beta, without labels\n\n`{command.strip()}`\n\n{text}\n\n{notes}\n\n"
-        f"![metrics vs step]({output.with_suffix('.png').name})\n",
+        f"![metrics vs step]({output.with_suffix('.png').name})\n\n## Every evaluation\n\n{per_evaluation(runs)}\n",
         encoding="utf-8",
     )
     plot(runs, output.with_suffix(".png"))
