@@ -1,14 +1,6 @@
 r"""`XPOTrainer`: sharpening with an exploration bonus (Huang et al. 2025, Sec. 4.2.2, Algorithm 1; after XPO, Xie et
-al. 2024), built on `SelfRewardDPOTrainer`.
-
-Each step, for each prompt x: y ~ pi (the current policy), y~ ~ pi_base, r(x, y) = log pi_base(y|x), and the update
-minimizes (the "+" sign of the proof's empirical loss, App. J.2.2; the extracted Algorithm 1 text shows "-")
-
-$$\alpha \sum \log \pi(\tilde y|x) + \sum \big(\beta \log\tfrac{\pi(y|x)}{\pi_{base}(y|x)}
-- \beta \log\tfrac{\pi(\tilde y|x)}{\pi_{base}(\tilde y|x)} - (r(x,y) - r(x,\tilde y))\big)^2.$$
-
-The first term is the optimism bonus: it pushes probability away from what pi_base already samples, which is what
-frees XPO from the coverage coefficient C_cov that SFT-Sharpening pays for (Thm. 4.3 vs Thm. 4.1).
+al. 2024), built on `SelfRewardDPOTrainer`. Algorithm 1, and how the defaults differ from it, are stated once, in the
+class docstring.
 
 What is reused from the parent, per step: `_generate` draws y from the policy and y~ from pi_base (the reference
 model, gathered under ZeRO-3, or the adapter-disabled policy with PEFT), which records log pi_base(y~|x) for free;
@@ -59,17 +51,35 @@ def replay_buffer_file(checkpoint_dir: str, process_index: int) -> str:
 
 
 class XPOTrainer(SelfRewardDPOTrainer):
-    r"""Sharpening with exploration (Huang et al. 2025, Algorithm 1; XPO, Xie et al. 2024) as a drop-in
+    r"""Sharpening with exploration (Huang et al. 2025, Sec. 4.2.2, Algorithm 1; XPO, Xie et al. 2024) as a drop-in
     `trl.DPOTrainer`: same keyword signature, prompt-only `train_dataset`, an [`XPOConfig`].
 
-    Loss per update, averaged over the pairs (x, y ~ pi, y~ ~ pi_base) of the batch and of the replay buffer:
+    Algorithm 1: at iteration t, for each prompt x draw y ~ pi_t (the policy) and y~ ~ pi_base, with
+    r(x, y) = log pi_base(y|x) (the self-reward), add the triple (x, y, y~) to the dataset D, and set pi_{t+1} to the
+    minimizer over D of (the "+" sign of the proof's empirical loss, App. J.2.2; the extracted Algorithm 1 text
+    shows "-")
 
-    $$\mathcal{L} = \alpha\,\log \pi(\tilde y|x) + \mathcal{L}_{pair}(y, \tilde y),$$
+    $$\alpha \sum_D \log \pi(\tilde y|x) + \sum_D \big(\beta \log\tfrac{\pi(y|x)}{\pi_{base}(y|x)}
+    - \beta \log\tfrac{\pi(\tilde y|x)}{\pi_{base}(\tilde y|x)} - (r(x,y) - r(x,\tilde y))\big)^2;$$
 
-    where L_pair is the paper's regression (`loss_type="sharpen"`, default)
-    $(\beta \log\tfrac{\pi(y|x)}{\pi_{base}(y|x)} - \beta \log\tfrac{\pi(\tilde y|x)}{\pi_{base}(\tilde y|x)}
-    - (r(x,y) - r(x,\tilde y)))^2$ with r = the self-reward (log pi_base(y|x) by default), or any TRL DPO loss on
-    (chosen, rejected) = (y, y~) ordered by r (TRL's former XPO; ties put y first).
+    it returns the iterate argmax_t J_beta(pi_t). The first term is the optimism bonus: it pushes probability away
+    from what pi_base already samples, which frees XPO from the coverage coefficient C_cov that SFT-Sharpening pays
+    for (Thm. 4.3 vs Thm. 4.1). Each training step here is one gradient step on that loss, averaged over the step's
+    triples and the replayed ones; the regression is `loss_type="sharpen"` (default), and any TRL DPO loss on
+    (chosen, rejected) = (y, y~) ranked complete-first, then by r, gives the preference form of TRL's former XPO
+    (a tie puts y first; see `trl_sharpen.pairs`).
+
+    How the defaults differ from Algorithm 1, and how to get it exactly:
+
+    - D: by default (`replay_buffer_size=0`) a step trains on its own triples only, TRL's on-policy XPO. Algorithm 1's
+      D keeps every triple: `replay_buffer_size=-1` (or `preset="paper"`) replays all of D each step. The step's
+      forward then grows with the step count (a run's cost is quadratic in its length), which is why it is not the
+      default; `replay_buffer_size=M` keeps the last M triples. Replayed triples keep their ids, rewards and pi_base
+      log-probs: only the policy's log-probs are recomputed.
+    - The returned iterate: the Trainer returns the last one. For Algorithm 1's argmax_t J_beta(pi_t), give a prompt
+      `eval_dataset` with `metric_for_best_model: objective` and `load_best_model_at_end: true` (J_beta is estimated
+      by `trainer.evaluate()` as `eval_objective`; see `trl_sharpen.monitoring`).
+    - alpha: the paper sets it from constants unknown in practice (Thm. 4.3); the default is TRL's 1e-5.
 
     Metrics, besides the parent's (`self_reward/*`, `completions/*`) and DPO's (`rewards/*`, `logps/*`):
     `xpo/bonus` (alpha * mean log pi(y~|x), the bonus term of the loss), `xpo/alpha`, `logps/base_samples` (mean
