@@ -150,6 +150,36 @@ def parse_recipe_yaml(yaml_path: Path) -> tuple:
     return recipe.make_parser().parse_args_and_config(["--config", str(yaml_path), "--use_cpu", "true"])
 
 
+def yaml_values_not_applied(yaml_path: Path, parsed: tuple) -> dict:
+    """The keys of a recipe YAML whose value did not reach every parsed dataclass that has the field (read by
+    another dataclass only, or changed by a `__post_init__`), as {key: (YAML value, parsed values)}; {} when all did."""
+    import enum
+
+    import yaml
+
+    def same(parsed_value, value) -> bool:
+        if isinstance(parsed_value, enum.Enum):
+            parsed_value = parsed_value.value
+        if value == "none" and parsed_value == []:  # report_to: none
+            return True
+        if isinstance(parsed_value, (list, tuple)):
+            values = value if isinstance(value, (list, tuple)) else [value]
+            return len(parsed_value) == len(values) and all(map(same, parsed_value, values))
+        if isinstance(parsed_value, (int, float)) and not isinstance(parsed_value, bool):
+            try:  # YAML reads 1e-3 as a string; the parser makes it a float
+                return not isinstance(value, bool) and float(parsed_value) == float(value)
+            except (TypeError, ValueError):
+                return False
+        return parsed_value == value
+
+    not_applied = {}
+    for key, value in yaml.safe_load(yaml_path.read_text()).items():
+        found = [getattr(arguments, key) for arguments in parsed if hasattr(arguments, key)]
+        if not found or not all(same(parsed_value, value) for parsed_value in found):
+            not_applied[key] = (value, found)
+    return not_applied
+
+
 ACCURACY_LINE = re.compile(r"^\[(before|after)\] greedy accuracy on 200 test prompts: ([\d.]+)", re.M)
 
 

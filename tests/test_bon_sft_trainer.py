@@ -13,7 +13,7 @@ from trl_sharpen.bon_sft_trainer import _as_bon_config
 from trl_sharpen.evaluation import evaluate_greedy
 from trl_sharpen.toy import TOY_MODEL_PATH, check_answer, load_toy_prompts
 
-from .launching import launch_toy_recipe, parse_recipe_yaml, recipe_yamls
+from .launching import launch_toy_recipe, parse_recipe_yaml, recipe_yamls, yaml_values_not_applied
 from .trainer_args import cpu_test_args
 
 
@@ -290,8 +290,9 @@ def test_sft_config_is_accepted():
 
 @pytest.mark.parametrize("yaml_path", recipe_yamls("sft_sharpen"), ids=lambda p: p.name)
 def test_recipe_yaml_parses(yaml_path):
-    script_args, training_args, model_args = parse_recipe_yaml(yaml_path)
-    assert isinstance(training_args, BoNSFTConfig)
+    parsed = parse_recipe_yaml(yaml_path)
+    assert yaml_values_not_applied(yaml_path, parsed) == {}
+    script_args, training_args, model_args = parsed
     if yaml_path.name.startswith("qwen"):
         assert (training_args.num_samples, training_args.learning_rate, training_args.max_grad_norm) == (50, 3e-4, 0.1)
         assert model_args.use_peft and model_args.lora_r == 16 and script_args.prompt_column == "question"

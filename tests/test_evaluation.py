@@ -162,8 +162,9 @@ def test_every_metric_on_hand_built_samples():
     assert "BoN logprob" in text and "pass@n" in text and "+0.625" in text and "checker" not in text
 
 
-def test_sharpening_error_is_measured_on_the_evaluated_models_own_probabilities():
-    """delta_hat = 1 - max_i pi(y_i|x) under the evaluated model (Def. 3.1), whatever pi_base thinks of the samples."""
+def test_sharpening_error_is_measured_under_the_evaluated_model():
+    """delta = 1 - pi(y*|x) under the evaluated model pi, at y* = pi_base's most likely sample (Def. 3.1); see
+    tests/test_fidelity.py for a policy whose own mode is elsewhere."""
     base_logprobs, policy_logprobs = [[-2.0, -3.0, -4.0]], [[-0.1, -5.0, -6.0]]
     samples = SampleSet(
         [["a", "b", "c"]], [["1", "2", "3"]], [[True, False, False]], base_logprobs, policy_logprobs, [[False] * 3]

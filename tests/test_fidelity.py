@@ -5,16 +5,20 @@ measured at pi_base's most likely response)."""
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
 
 import pytest
+import torch
 from datasets import Dataset, load_from_disk
 
 from trl_sharpen import best_of_n
 from trl_sharpen.best_of_n_sampling import adaptive_stopping_index, select_best
 from trl_sharpen.data import load_prompts, validate_prompt_dataset
+from trl_sharpen.evaluation import evaluate_sharpening
+from trl_sharpen.report import GreedyEvaluation, SampleSet, SharpeningReport
 from trl_sharpen.self_rewards import get_self_reward
 from trl_sharpen.toy import load_toy_prompts
 
@@ -262,3 +266,104 @@ def test_the_sft_trainer_trains_only_on_whole_completions(toy_model, toy_tokeniz
     rows = trainer.train_dataset["input_ids"]
     assert len(rows) == sum(length <= max_length for length in lengths) < len(bon)
     assert all(row[-1] == toy_tokenizer.eos_token_id for row in rows)  # no answer without its end
+
+
+# 15. One answer extractor for greedy and Best-of-N in the same report ---------------------------------------------
+
+
+def constant_answer(text):
+    """A custom extractor (`--answer_extractor tests.test_fidelity:constant_answer`): every completion answers 42."""
+    return "42"
+
+
+def test_bon_command_applies_the_answer_extractor_to_greedy_too(tmp_path, capsys):
+    from trl_sharpen.cli import main
+    from trl_sharpen.toy import TOY_MODEL_PATH
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q : {a} + 2 = ?", "answer": "42"}) + "\n" for a in (1, 2, 3)))
+    main(["bon", "--model_name_or_path", TOY_MODEL_PATH, "--dataset_name", str(data), "--num_samples", "2",
+          "--max_completion_length", "40", "--output_dir", str(tmp_path / "bon"), "--answer_column", "answer",
+          "--answer_extractor", "tests.test_fidelity:constant_answer"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "greedy accuracy:            1.000" in out and "BoN@2 accuracy (logprob): 1.000" in out
+
+
+# 2. pi_base is one model in a report, 1. the sharpening error is measured at pi_base's most likely response ---------
+
+
+def lora_policy(model):
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    torch.manual_seed(1)
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0.0, 1.0)  # make the policy differ from its base
+    return policy
+
+
+def test_a_peft_policy_without_base_model_is_scored_under_its_base_everywhere(toy_model, toy_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from trl_sharpen import sequence_logprobs
+    from trl_sharpen.toy import TOY_MODEL_PATH
+
+    base = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).eval()
+    test = load_toy_prompts("test", limit=6)
+    report = evaluate_sharpening(
+        lora_policy(toy_model), toy_tokenizer, test, num_samples=4, max_completion_length=40, self_rewards=("logprob",)
+    )
+    prompt_ids = [toy_tokenizer(p)["input_ids"] for p in test["prompt"]]
+    s = report.samples
+    flat_ids = [ids for row in s.completion_ids for ids in row]
+    under_base = sequence_logprobs(base, [ids for ids in prompt_ids for _ in range(4)], flat_ids)
+    flat = lambda rows: torch.tensor([value for row in rows for value in row])  # noqa: E731
+    assert torch.allclose(flat(s.base_logprobs), under_base, atol=1e-3)  # the samples' pi_base: adapters off
+    assert (flat(s.logprobs) - under_base).abs().max() > 0.1  # ...not the policy
+    assert s.rewards["logprob"] == s.base_logprobs  # BoN by logprob ranks by that same pi_base
+    greedy_under_base = sequence_logprobs(base, prompt_ids, report.greedy.completion_ids)
+    assert report.greedy.mean_base_logprob == pytest.approx(greedy_under_base.mean().item(), abs=1e-3)
+    assert not report.settings["base_is_model"]
+
+
+def test_the_sharpening_error_is_measured_at_the_base_models_most_likely_response():
+    """A policy collapsed onto a sample that pi_base rates low: delta = 1 - pi(y*) with y* = argmax pi_base is ~1,
+    while 1 - max_i pi(y_i) (the policy's own mode) would be ~0."""
+    base_logprobs, policy_logprobs = [[-1.0, -6.0, -7.0]], [[-9.0, -0.01, -8.0]]
+    samples = SampleSet(
+        [["a", "b", "c"]], [["1", "2", "3"]], [[True, False, False]], base_logprobs, policy_logprobs, [[False] * 3]
+    )
+    report = SharpeningReport.from_samples(samples, GreedyEvaluation(0.0, None, ["b"], [False]))
+    assert report.sharpening_error == pytest.approx(1 - math.exp(-9.0)) and report.sharpened_fraction == 0.0
+    # A truncated sample is a prefix, not a response: it is not y* while a complete sample exists
+    samples.truncated = [[True, False, False]]
+    report = SharpeningReport.from_samples(samples, GreedyEvaluation(0.0, None, ["b"], [False]))
+    assert report.sharpening_error == pytest.approx(1 - math.exp(-0.01))
+    # A greedy output that pi_base rates above every sample is y*
+    samples.truncated, samples.mode_candidates = [[False] * 3], [[(-0.5, -12.0)]]
+    report = SharpeningReport.from_samples(samples, GreedyEvaluation(0.0, None, ["b"], [False]))
+    assert report.sharpening_error == pytest.approx(1 - math.exp(-12.0))
+
+
+def test_a_collapsed_policy_reports_a_large_sharpening_error(toy_model, toy_tokenizer):
+    """End to end: a policy that always answers with EOS at once (a response pi_base finds unlikely) is certain of
+    its samples, yet far from pi_base's most likely response."""
+    from transformers import AutoModelForCausalLM
+
+    from trl_sharpen.toy import TOY_MODEL_PATH
+
+    policy = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).eval()
+    head = policy.lm_head
+    policy.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        policy.lm_head.weight.copy_(head.weight)
+        policy.lm_head.bias.zero_()
+        policy.lm_head.bias[toy_tokenizer.eos_token_id] = 100.0
+    test = load_toy_prompts("test", limit=4)
+    report = evaluate_sharpening(
+        policy, toy_tokenizer, test, base_model=toy_model, num_samples=4, max_completion_length=40, self_rewards=()
+    )
+    assert all(ids == [toy_tokenizer.eos_token_id] for row in report.samples.completion_ids for ids in row)
+    assert max(lp for row in report.samples.logprobs for lp in row) > -1e-3  # certain of its own samples
+    assert report.sharpening_error > 0.99 and report.sharpened_fraction == 0.0

@@ -4,10 +4,12 @@ A TRL upgrade that renames one of them, changes its parameters, or changes the b
 name, instead of silently changing what the trainers train.
 """
 
+import contextlib
 import dataclasses
 import inspect
 
 import pytest
+import torch
 import transformers.trainer_utils
 import trl
 import trl.models.utils
@@ -245,6 +247,13 @@ def test_fingerprints_rely_on_deepspeed_gathered_status():
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters, ZeroParamStatus
 
+    from trl_sharpen.fingerprints import _gathered
+
     # fingerprints._gathered skips parameters an enclosing context already gathered: nesting is refused
-    assert ZeroParamStatus.AVAILABLE
     assert "Nested GatheredParameters contexts cannot overlap" in inspect.getsource(GatheredParameters.__enter__)
+    # ...which it tells by DeepSpeed's status of the (here simulated) partitioned parameter
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.ds_id, param.ds_status = 0, ZeroParamStatus.AVAILABLE
+    assert isinstance(_gathered(param), contextlib.nullcontext)
+    param.ds_status = ZeroParamStatus.NOT_AVAILABLE
+    assert isinstance(_gathered(param), GatheredParameters)

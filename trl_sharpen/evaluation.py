@@ -94,17 +94,19 @@ def evaluate_greedy(
             prompt_ids,
             config,
             batch_size=batch_size,
-            record_logprobs=False,
             tokenizer=tokenizer,
             stop_strings=stop_strings,
         )
     texts = tokenizer.batch_decode(greedy.completion_ids, skip_special_tokens=True)
     correct, checker_errors = check_answers(checker, texts, answers)
-    mean_base_logprob = None
-    if base_model is not None:
+    base_logprobs = mean_base_logprob = None
+    if base_model is model and not is_peft_model(model):
+        base_logprobs = list(greedy.logprobs)  # recorded while decoding: no second forward
+    elif base_model is not None:
         with eval_mode(base_model), base_scoring_context(base_model):
-            logprobs = sequence_logprobs(base_model, prompt_ids, greedy.completion_ids)
-        mean_base_logprob = logprobs.mean().item()
+            base_logprobs = sequence_logprobs(base_model, prompt_ids, greedy.completion_ids).tolist()
+    if base_logprobs is not None:
+        mean_base_logprob = sum(base_logprobs) / len(base_logprobs)
     return GreedyEvaluation(
         accuracy=sum(correct) / len(correct),
         mean_base_logprob=mean_base_logprob,
@@ -113,6 +115,10 @@ def evaluate_greedy(
         checker_errors=checker_errors,
         wall_time_s=time.perf_counter() - start,
         mean_length=sum(map(len, greedy.completion_ids)) / len(greedy.completion_ids),
+        completion_ids=greedy.completion_ids,
+        truncated=greedy.truncated,
+        logprobs=greedy.logprobs,
+        base_logprobs=base_logprobs,
     )
 
 
@@ -146,6 +152,36 @@ def get_answer_checker(checker: str | AnswerChecker | None, answer_extractor: An
     if not callable(checker):
         raise ValueError(f"The answer checker must be callable, got {type(checker).__name__}.")
     return checker
+
+
+def _mode_candidates(
+    model, base_model, tokenizer, prompt_ids, greedy, max_new_tokens, batch_size, scoring_batch_size, stop_strings
+) -> list[list[tuple[float, float]]]:
+    """Per prompt, (log pi_base, log pi) of the complete greedy outputs: candidates, beside the samples, for pi_base's
+    most likely response y* of the sharpening error (`report.sharpening_errors`). When the evaluated model is not
+    pi_base, pi_base's own greedy output (adapters off for a PEFT model) joins, scored under the evaluated model:
+    the samples of a policy that collapsed elsewhere may all be unlikely under pi_base."""
+    candidates = [
+        [(base_lp, lp)] if not cut and base_lp is not None else []
+        for base_lp, lp, cut in zip(
+            greedy.base_logprobs or [None] * len(prompt_ids), greedy.logprobs, greedy.truncated
+        )
+    ]
+    if base_model is None:
+        return candidates  # the evaluated model is pi_base: its greedy output is pi_base's
+    config = sampling_config(base_model, tokenizer, do_sample=False, max_new_tokens=max_new_tokens)
+    with eval_mode(base_model), base_scoring_context(base_model):
+        base_greedy = generate_completions(
+            base_model, prompt_ids, config, batch_size=batch_size, tokenizer=tokenizer, stop_strings=stop_strings
+        )
+    with eval_mode(model):
+        under_model = sequence_logprobs(
+            model, prompt_ids, base_greedy.completion_ids, micro_batch_size=scoring_batch_size
+        ).tolist()
+    for row, base_lp, lp, cut in zip(candidates, base_greedy.logprobs, under_model, base_greedy.truncated):
+        if not cut:
+            row.append((base_lp, lp))
+    return candidates
 
 
 def _model_name(model) -> str | None:
@@ -191,9 +227,10 @@ def evaluate_sharpening(
             extracted answer equals the normalized reference.
         answer_extractor: final-answer extractor, for the `majority` self-reward, answer diversity and the default
             checker (default: last `\\boxed{}` or last number).
-        base_model: pi_base for log-likelihoods and self-rewards when `model` is not the base: a separate model, or
-            `model` itself when it is a PEFT model (its adapters are disabled for scoring). When None, `model` is
-            the base and the log-probabilities recorded during sampling are reused (no second forward pass).
+        base_model: pi_base for log-likelihoods, self-rewards and the sharpening error when `model` is not the base:
+            a separate model, or `model` itself when it is a PEFT model (its adapters are disabled for scoring). When
+            None, `model` is the base and the log-probabilities recorded during sampling are reused (no second
+            forward pass); a PEFT `model` is then its own base, with adapters disabled, everywhere in the report.
         self_rewards: self-rewards to run Best-of-N with (registry names, callables or `SelfReward`s); `()` for
             greedy, temperature-1 and pass@n only. Needs num_samples >= 2.
         ns: subset sizes for the curves (default 1, 2, 4, ..., N).
@@ -244,6 +281,10 @@ def evaluate_sharpening(
     # Scoring a plain model under itself is what generation already recorded: skip the second forward.
     if base_model is model and not is_peft_model(model):
         base_model = None
+    # pi_base is one model throughout a report: a PEFT policy without a separate base is scored with its adapters
+    # disabled everywhere (samples, self-rewards, BoN by log-prob, greedy outputs), never with them on for some
+    if base_model is None and is_peft_model(model):
+        base_model = model
     scorer = model if base_model is None else base_model
 
     ensure_pad_token(tokenizer)
@@ -304,6 +345,9 @@ def evaluate_sharpening(
                 base_logprobs=base_logprobs,
                 group_ids=sampled.prompt_index,
             )
+    mode_candidates = _mode_candidates(
+        model, base_model, tokenizer, prompt_ids, greedy, max_new_tokens, batch_size, scoring_batch_size, stop_strings
+    )
     timer["scoring"] = time.perf_counter()
 
     def per_prompt(values):
@@ -319,6 +363,7 @@ def evaluate_sharpening(
         rewards={name: None if values is None else per_prompt(values) for name, values in rewards.items()},
         checker_errors=checker_errors,
         completion_ids=per_prompt(sampled.completion_ids),
+        mode_candidates=mode_candidates,
     )
     settings = {
         "temperature": temperature,

@@ -33,6 +33,12 @@ class GreedyEvaluation:
     wall_time_s: float | None = None
     # Mean number of completion tokens (EOS or stop string included): log-prob rewards favour short answers
     mean_length: float | None = None
+    # Per prompt: the greedy completion's token ids, whether it was cut at the length limit, and its log-probability
+    # under the evaluated model and under pi_base (None when not computed)
+    completion_ids: list[list[int]] | None = None
+    truncated: list[bool] | None = None
+    logprobs: list[float] | None = None
+    base_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -55,6 +61,9 @@ class SampleSet:
     checker_errors: int = 0
     # Token ids of the completions (EOS included unless truncated), to rescore them under another model
     completion_ids: list[list[list[int]]] | None = None
+    # Per prompt, (log pi_base, log pi) of further complete responses that may be pi_base's most likely one: the
+    # greedy outputs of the evaluated model and of pi_base (see `sharpening_errors`)
+    mode_candidates: list[list[tuple[float, float]]] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -86,6 +95,25 @@ class SampleSet:
         return [best_of_n_selection_probabilities(row, n) for row in scores]
 
 
+def sharpening_errors(samples: SampleSet) -> list[float]:
+    """Per prompt, delta(x) = 1 - pi(y*(x)|x) with y*(x) = argmax_y pi_base(y|x) (Huang et al. 2025, Def. 3.1).
+
+    The argmax over all responses is out of reach; y* is the candidate with the highest log pi_base among the
+    complete samples and `samples.mode_candidates` (greedy outputs). Truncated samples are prefixes, not responses
+    (a prefix's probability bounds that of every response extending it from above), so they are candidates only when
+    nothing complete is. pi is the evaluated model (`samples.logprobs`): measuring it at its own most likely sample
+    instead, 1 - max_i pi(y_i|x), would rate a policy that collapsed onto an answer pi_base finds unlikely as sharp.
+    """
+    errors = []
+    for p, (base_row, row, cut_row) in enumerate(zip(samples.base_logprobs, samples.logprobs, samples.truncated)):
+        complete = [(b, lp) for b, lp, cut in zip(base_row, row, cut_row) if not cut]
+        candidates = complete + list(samples.mode_candidates[p] if samples.mode_candidates else [])
+        candidates = candidates or list(zip(base_row, row))
+        _, logprob = max(candidates, key=lambda candidate: candidate[0])
+        errors.append(1.0 - math.exp(logprob))
+    return errors
+
+
 @dataclass
 class Selection:
     """Accuracy and mean log pi_base(y|x) of one way of answering each prompt (greedy, BoN@n, ...)."""
@@ -105,10 +133,11 @@ class SharpeningReport:
     - `gap[reward]`: generation-verification gap at n = N (Song et al. 2025, Def. 2.1): BoN@N accuracy minus
       `sample_accuracy`; `relative_gap[reward]` = gap / (1 - sample_accuracy) (Def. 2.2; None when every sample is
       correct).
-    - `sharpening_error`: mean over prompts of delta_hat(x) = 1 - max_i pi(y_i|x), the probability the evaluated
-      model puts off its most likely sampled completion (Def. 3.1's delta, measured at the model's own mode; an upper
-      bound on 1 - max_y pi(y|x), since the mode may be unsampled). `sharpened_fraction`: share of prompts with
-      delta_hat < 1/2, where greedy decoding provably returns that completion (Prop. 3.1).
+    - `sharpening_error`: mean over prompts of delta(x) = 1 - pi(y*(x)|x) with y*(x) = argmax_y pi_base(y|x) (Def.
+      3.1): the probability the evaluated model puts off pi_base's most likely response. y* is estimated as the
+      response that pi_base rates highest among the complete samples and the greedy outputs (see
+      `sharpening_errors`). `sharpened_fraction`: share of prompts with delta < 1/2, where the evaluated model's
+      greedy decoding provably returns y* (Prop. 3.1).
     - `mean_distinct_answers`: distinct extracted answers among the N samples (None answers not counted).
     """
 
@@ -195,7 +224,7 @@ class SharpeningReport:
         }
         headroom = 1.0 - sample_accuracy
         relative_gap = {reward: (value / headroom if headroom > 0 else None) for reward, value in gap.items()}
-        delta = [1.0 - math.exp(max(row)) for row in samples.logprobs]
+        delta = sharpening_errors(samples)
         return cls(
             model_name=model_name,
             base_model_name=base_model_name,
