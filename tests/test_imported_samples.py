@@ -168,3 +168,21 @@ def test_output_resumes_and_trains_bon_sft(tmp_path, generated, monkeypatch):
     )
     assert trainer.bon_dataset["selected_completion_ids"] == first["selected_completion_ids"]  # no sampling of its own
     trainer.train()
+
+
+def test_cli_bon_samples_file(tmp_path, generated):
+    """`trl-sharpen bon --samples_file` as a user runs it (a subprocess through the module entry point)."""
+    import subprocess
+    import sys
+
+    model, tokenizer, prompts, _, samples = generated
+    path = write_rows(tmp_path / "s.jsonl", prompts, completion_ids=per_prompt(samples.completion_ids))
+    args = ["bon", "--model_name_or_path", TOY_MODEL_PATH, "--samples_file", str(path)]
+    args += ["--output_dir", str(tmp_path / "bon"), "--answer_column", "answer", "--max_completion_length", "40"]
+    result = subprocess.run(
+        [sys.executable, "-m", "trl_sharpen.cli", *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"Best-of-N: {NUM_PROMPTS} prompts, {NUM_PROMPTS * N} samples" in result.stdout
+    assert f"BoN@{N} accuracy (logprob)" in result.stdout
+    check_best_of_n_rows(load_from_disk(str(tmp_path / "bon")), samples, prompts, samples.logprobs)

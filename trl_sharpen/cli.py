@@ -78,6 +78,14 @@ class BestOfNArguments(PromptDataArguments, ModelSourceArguments, BestOfNSamplin
 
     output_dir: str = field(metadata={"help": "Where shards and the final `datasets` dataset are written."})
     overwrite: bool = field(default=False, metadata={"help": "Discard results from other arguments in output_dir."})
+    samples_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Best-of-N over samples generated elsewhere (vLLM, SGLang, TGI): a JSON-lines file with the N "
+            "completions per prompt, optionally their log-probs (format: trl_sharpen.imported_samples). Replaces "
+            "--dataset_name and sampling; the model scores and cross-checks."
+        },
+    )
 
 
 @dataclass(kw_only=True)
@@ -210,7 +218,13 @@ def run_best_of_n(args: BestOfNArguments, model_args):
     check_output_dir(args.output_dir)
     get_self_reward(args.self_reward)  # an unknown name or 'module:function' path
     extractor = get_answer_extractor(args.answer_extractor)
-    prompts = args.load_prompts()
+    if args.samples_file is not None:
+        from .imported_samples import load_samples_file
+
+        args.dataset_name = args.samples_file  # named in the messages below
+        prompts = load_samples_file(args.samples_file)  # checked line by line before the model loads
+    else:
+        prompts = args.load_prompts()
     if args.answer_column is not None and args.answer_column not in prompts.column_names:
         raise ValueError(
             f"--answer_column {args.answer_column!r} is not a column of {args.dataset_name} (columns: "
@@ -220,7 +234,16 @@ def run_best_of_n(args: BestOfNArguments, model_args):
     state = distributed_state()  # under `accelerate launch`: the shards are split across the processes
     model = load_model(model_args, path, args.trust_remote_code)
     tokenizer = load_tokenizer(model, path, model_args, args.trust_remote_code)
-    result = best_of_n(model, tokenizer, prompts, sampling=args, output_dir=args.output_dir, overwrite=args.overwrite)
+    if args.samples_file is not None:
+        from .imported_samples import best_of_n_from_samples
+
+        result = best_of_n_from_samples(
+            model, tokenizer, prompts, sampling=args, output_dir=args.output_dir, overwrite=args.overwrite
+        )
+    else:
+        result = best_of_n(
+            model, tokenizer, prompts, sampling=args, output_dir=args.output_dir, overwrite=args.overwrite
+        )
     if state.is_main_process:
         samples = sum(result["num_samples"])
         print(f"Best-of-N: {len(result)} prompts, {samples} samples, saved to {args.output_dir}")
@@ -239,7 +262,8 @@ def run_best_of_n(args: BestOfNArguments, model_args):
             selected = result["selected_completion"]
             bon = [c is not None and answers_match(c, a, extractor) for c, a in zip(selected, answers, strict=True)]
             print(f"greedy accuracy:            {greedy.accuracy:.3f}")
-            print(f"BoN@{args.num_samples} accuracy ({args.self_reward}): {sum(bon) / len(bon):.3f}")
+            n = max(result["num_samples"]) if args.samples_file else args.num_samples  # a samples file sets its N
+            print(f"BoN@{n} accuracy ({args.self_reward}): {sum(bon) / len(bon):.3f}")
     return result
 
 
