@@ -240,7 +240,7 @@ def test_metric_direction_and_validation(tmp_path):
     assert args.greater_is_better is False
     with pytest.raises(ValueError, match="greater_is_better"):
         cpu_test_args(SelfRewardDPOConfig, tmp_path, metric_for_best_model="objective", greater_is_better=False)
-    for bad in ({"eval_num_samples": 0}, {"eval_num_prompts": True}, {"collapse_length_drop": 1.5},
+    for bad in ({"eval_num_samples": 0}, {"eval_num_prompts": True}, {"collapse_length_drop": 1.5}, {"collapse_min_distinct_answers": -1.0},
                 {"eval_beta": -1.0}):  # fmt: skip
         with pytest.raises(ValueError, match=next(iter(bad))):
             cpu_test_args(BoNSFTConfig, tmp_path, **bad)
@@ -250,15 +250,19 @@ def test_collapse_alarm(caplog, tmp_path):
     args = cpu_test_args(XPOConfig, tmp_path)
     alarm = CollapseAlarmCallback()
     state = type("State", (), {"global_step": 0})()
-    steady = {"eval_objective": -10.0, "eval_distinct_answers": 4.0, "eval_mean_length": 20.0}
+    # The measured start of the sigmoid XPO run (benchmarks/results/iterate_selection.md): the base, then the best
+    # iterate, whose distinct answers fell from 7.75 to 3.59 (sharpening, no alarm), J_beta by a third of a nat
+    base = {"eval_objective": -4.62, "eval_distinct_answers": 7.75, "eval_mean_length": 3.4}
+    sharpened = {"eval_objective": -4.96, "eval_distinct_answers": 1.5, "eval_mean_length": 15.2}
     with caplog.at_level(logging.WARNING, logger="trl_sharpen.monitoring"):
-        for step, metrics in enumerate([steady, {**steady, "eval_objective": -12.0, "eval_distinct_answers": 2.5}], 1):
+        for step, metrics in enumerate([base, sharpened], 1):
             state.global_step = step
             alarm.on_evaluate(args, state, None, metrics=metrics)
-        assert not caplog.records  # moderate moves: sharpening is allowed to lower distinct answers
+        assert not caplog.records
         state.global_step = 3
-        alarm.on_evaluate(args, state, None, metrics={"eval_objective": -16.0, "eval_distinct_answers": 1.0,
-                                                      "eval_mean_length": 4.0})  # fmt: skip
+        alarm.on_evaluate(args, state, None, metrics={"eval_objective": -28.3, "eval_distinct_answers": 0.12,
+                                                      "eval_mean_length": 1.5})  # fmt: skip
+    assert len(caplog.records) == 3
     messages = " ".join(r.getMessage() for r in caplog.records)
     for key in ("eval_objective", "eval_distinct_answers", "eval_mean_length"):
         assert key in messages

@@ -124,13 +124,17 @@ class MonitoringArguments:
     collapse_alarm: bool = field(
         default=True,
         metadata={
-            "help": "Log a warning when an evaluation shows a sharp fall of distinct answers, completion length or "
-            "J_beta below their best so far (thresholds `collapse_*_drop`)."
+            "help": "Log a warning when an evaluation shows distinct answers, completion length or J_beta falling "
+            "sharply (thresholds `collapse_min_distinct_answers`, `collapse_length_drop`, `collapse_objective_drop`)."
         },
     )
-    collapse_distinct_drop: float = field(
-        default=0.5,
-        metadata={"help": "Alarm when eval_distinct_answers < (1 - this) * its best so far (0.5: halved)."},
+    collapse_min_distinct_answers: float = field(
+        default=1.0,
+        metadata={
+            "help": "Alarm when eval_distinct_answers falls below this after having been above it (1.0: fewer than "
+            "one parsable final answer per prompt among the k samples). Not a relative drop: sharpening itself takes "
+            "distinct answers from ~k down to ~1 (measured: halving fired at the best iterate of a run)."
+        },
     )
     collapse_length_drop: float = field(
         default=0.5,
@@ -151,7 +155,9 @@ class MonitoringArguments:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
         if self.eval_beta is not None and self.eval_beta < 0:
             raise ValueError(f"eval_beta={self.eval_beta} must be >= 0 (0: J is E_pi[log pi_base] alone).")
-        for name in ("collapse_distinct_drop", "collapse_length_drop", "collapse_objective_drop"):
+        if self.collapse_min_distinct_answers < 0:
+            raise ValueError(f"collapse_min_distinct_answers={self.collapse_min_distinct_answers} must be >= 0.")
+        for name in ("collapse_length_drop", "collapse_objective_drop"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in (0, 1].")
         # Our evaluation has no eval_loss: selecting the best iterate defaults to J_beta (Algorithm 1), not to "loss"
@@ -430,12 +436,16 @@ class SharpeningMonitorMixin:
 
 
 class CollapseAlarmCallback(TrainerCallback):
-    """Warns when an evaluation shows sharpening turning into collapse: distinct answers, completion length or J_beta
-    falling sharply below their best value so far (thresholds: the config's `collapse_*_drop` fields).
+    """Warns when an evaluation shows sharpening turning into collapse, with the config's thresholds:
 
-    Sharpening itself lowers distinct answers and entropy; collapse is when they fall *and* the objective J_beta (or
-    the length: degenerate short outputs) goes with them. Each alarm names the metric, its best and current values,
-    and points at `load_best_model_at_end` / `EarlyStoppingCallback`."""
+    - J_beta below its best so far by more than `collapse_objective_drop` x |best| (collapse costs tens to hundreds
+      of nats; healthy sharpening moves it by a fraction of a nat);
+    - the mean sample length below (1 - `collapse_length_drop`) x its longest so far (back to degenerate short outputs);
+    - distinct answers below `collapse_min_distinct_answers` after having been above it (the samples stopped giving an
+      answer). Sharpening itself lowers distinct answers from ~k toward 1, so a relative fall is no alarm.
+
+    Each alarm names the metric, its best and current values, and points at `load_best_model_at_end` /
+    `EarlyStoppingCallback`."""
 
     def __init__(self):
         self.best: dict[str, float] = {}
@@ -443,16 +453,19 @@ class CollapseAlarmCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         for key, value in (metrics or {}).items():
             for suffix, threshold_field in (
-                ("_distinct_answers", "collapse_distinct_drop"),
+                ("_distinct_answers", "collapse_min_distinct_answers"),
                 ("_mean_length", "collapse_length_drop"),
                 ("_objective", "collapse_objective_drop"),
             ):
                 if not key.endswith(suffix) or not isinstance(value, (int, float)):
                     continue
-                drop = getattr(args, threshold_field, 0.5)
+                drop = getattr(args, threshold_field)
                 best = self.best.get(key)
                 if best is not None:
-                    floor = best - drop * abs(best) if suffix == "_objective" else (1 - drop) * best
+                    if suffix == "_distinct_answers":
+                        floor = drop if best >= drop else -math.inf
+                    else:
+                        floor = best - drop * abs(best) if suffix == "_objective" else (1 - drop) * best
                     if value < floor:
                         logger.warning(
                             "Possible collapse at step %d: %s = %.4g, below %.4g (its best so far %.4g, minus %s = "
