@@ -29,6 +29,23 @@ class BoNSFTConfig(MonitoringArguments, SFTConfig, BestOfNSamplingArguments):
     `best_of_n_sampling.adaptive_stopping_index`). The sampling seed is TrainingArguments' `seed`.
 
     `completion_only_loss` defaults to True here: the loss covers the selected completion's tokens only.
+
+    Parameters:
+        num_samples (`int`, *optional*, defaults to `50`):
+            N: completions sampled per prompt (the maximum under adaptive sampling). The other sampling fields
+            (`self_reward`, `temperature`, `truncated_completions`, `adaptive_delta`, `shard_size`, ...) are
+            `BestOfNSamplingArguments`', documented there once.
+        max_completion_length (`int`, *optional*, defaults to `512`):
+            Maximum sampled tokens per completion; one that reaches it without EOS is truncated.
+        completion_only_loss (`bool` or `None`, *optional*, defaults to `True`):
+            Loss on the selected completion only (SFT-Sharpening maximizes log pi(y^BoN|x)).
+        sampling_policy (`str`, *optional*, defaults to `"base"`):
+            `"base"` (the paper: drawn once from pi_base) or `"current"` (regenerated from the current policy every
+            `regenerate_every_epochs` epochs, still ranked under pi_base).
+        regenerate_every_epochs (`int`, *optional*, defaults to `1`):
+            K: with `sampling_policy="current"`, regenerate the data every K epochs.
+        adaptive_sampling (`bool` or `None`, *optional*, defaults to `None`):
+            Deprecated: set `adaptive_delta` instead.
     """
 
     completion_only_loss: bool | None = field(

@@ -21,13 +21,15 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from statistics import fmean
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, load_from_disk
-from transformers import ProcessorMixin, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
@@ -44,6 +46,12 @@ from .paper import SHARPENING_PAPER
 from .real_models import resolve_model_name_or_path
 from .report_tables import log_table
 from .self_rewards import base_scoring_context
+
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+    from transformers import BitsAndBytesConfig
+    from transformers.trainer_utils import EvalPrediction
 
 
 logger = logging.getLogger(__name__)
@@ -186,21 +194,21 @@ class BoNSFTTrainer(SharpeningMonitorMixin, SFTTrainer):
 
     def __init__(
         self,
-        model,
-        args: BoNSFTConfig | None = None,
-        data_collator=None,
+        model: str | PreTrainedModel | PeftModel,
+        args: BoNSFTConfig | TrainingArguments | None = None,
+        data_collator: Callable[[list[dict]], dict] | None = None,
         train_dataset: Dataset | str | os.PathLike | None = None,
-        eval_dataset=None,
-        processing_class=None,
-        compute_loss_func=None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        optimizer_cls_and_kwargs=None,
-        preprocess_logits_for_metrics=None,
-        quantization_config=None,
-        peft_config=None,
-        formatting_func=None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        quantization_config: BitsAndBytesConfig | None = None,
+        peft_config: PeftConfig | None = None,
+        formatting_func: Callable[[dict], str] | None = None,
     ):
         model = resolve_model_name_or_path(model)  # a GGUF file or model package: its converted folder
         args = _as_bon_config(args, model)

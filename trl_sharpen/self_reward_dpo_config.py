@@ -26,18 +26,64 @@ DPO_LOSS_TYPES = (
 @dataclass
 class SelfRewardDPOConfig(MonitoringArguments, DPOConfig, GenerationArguments):
     r"""Configuration for [`SelfRewardDPOTrainer`]: RLHF-Sharpening (Huang et al. 2025, Sec. 2.2 / 4.2) in online
-    DPO form.
-
-    Each step samples `num_generations` completions per prompt, scores them with the self-reward (by default
-    log pi_base(y|x)) and trains on the pair (highest, lowest) with any of TRL's DPO losses against pi_base, or with
-    `loss_type="sharpen"`, the paper's squared regression on reward differences (Eq. 8):
-
-    $$\big(\beta \log\tfrac{\pi(y|x)}{\pi_{base}(y|x)} - \beta \log\tfrac{\pi(y'|x)}{\pi_{base}(y'|x)}
-    - (r(y|x) - r(y'|x))\big)^2.$$
+    DPO form. The method, Eq. 8 (`loss_type="sharpen"`) and the paper's setting against the default are described
+    once, in [`SelfRewardDPOTrainer`].
 
     Every field of `trl.DPOConfig` keeps its meaning, except those that assume a fixed offline dataset:
     `precompute_ref_log_probs` (the pairs are new every step; the reference log-probs are computed with them) and
-    `ld_alpha` (its length-desensitised reference would need a second reference pass) are refused.
+    `ld_alpha` (its length-desensitised reference would need a second reference pass) are refused. `temperature`,
+    `top_p` and `top_k` are `trl_sharpen.sampling_arguments.GenerationArguments`'; the `eval_*` monitoring fields are
+    `trl_sharpen.monitoring.MonitoringArguments`'.
+
+    Parameters:
+        > Parameters that control the setting
+
+        preset (`str` or `None`, *optional*, defaults to `None`):
+            `"paper"`: the paper's setting, for which its optimum pi_base^(1+1/beta) holds: `loss_type="sharpen"`,
+            `sample_from="base"`, `self_reward="logprob"`, `num_generations=2`. A field given another non-default
+            value is refused.
+
+        > Parameters that control the sampling
+
+        num_generations (`int`, *optional*, defaults to `2`):
+            Completions sampled per prompt and step (k >= 2); each prompt gives one pair. The paper's analysis uses 2.
+        sample_from (`str`, *optional*, defaults to `"policy"`):
+            `"policy"` (online DPO) or `"base"` (pi_base; their log pi_base(y|x) come free with generation).
+        max_completion_length (`int`, *optional*, defaults to `512`):
+            Maximum sampled tokens per completion; a completion that reaches it without EOS is truncated. Prompts
+            longer than the model's context (and `max_length`) less this are dropped.
+        generation_kwargs (`dict[str, Any]` or `None`, *optional*, defaults to `None`):
+            Extra `transformers.GenerationConfig` arguments; the checkpoint's own generation defaults are not used.
+        ds3_gather_for_generation (`bool`, *optional*, defaults to `True`):
+            Under ZeRO-3, gather the policy's weights for generation (False: generate with sharded weights).
+
+        > Parameters that control the self-reward and the pairs
+
+        self_reward (`str` or callable, *optional*, defaults to `"logprob"`):
+            `"logprob"` (log pi_base(y|x)), `"normalized_logprob"`, `"majority"` (needs `num_generations >= 3`), a
+            `"package.module:function"` path, or a callable with TRL's reward-function protocol.
+        answer_extractor (`str` or `None`, *optional*, defaults to `None`):
+            For `"majority"`: `"package.module:function"` extracting the final answer.
+        missing_eos_penalty (`float` or `None`, *optional*, defaults to `None`):
+            Subtracted from the self-reward of truncated completions (as in TRL's Online DPO).
+        ties (`str`, *optional*, defaults to `"skip"`):
+            A pair whose rewards are equal within `tie_tolerance` (or whose samples are identical): `"skip"` drops
+            it (counted in `self_reward/ties_skipped`), `"keep"` trains on it.
+        tie_tolerance (`float`, *optional*, defaults to `1e-4`):
+            Rewards closer than this count as equal.
+        scoring_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Sequences per micro-batch of the pi_base scoring pass (None: one forward).
+        remove_unused_columns (`bool`, *optional*, defaults to `False`):
+            Keep the dataset's extra columns, passed to a callable self-reward as keyword arguments.
+
+        > Parameters beyond the paper and logging
+
+        reanchor_steps (`int`, *optional*, defaults to `0`):
+            Every M steps copy the policy into pi_base (TRL's `SyncRefModelCallback`); 0 disables it. Not with PEFT.
+        log_completions (`bool`, *optional*, defaults to `False`):
+            Log the trained pairs with their self-rewards every `logging_steps` (rich, wandb, tensorboard).
+        num_completions_to_print (`int` or `None`, *optional*, defaults to `None`):
+            Pairs printed per log (None: all).
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["generation_kwargs"]
@@ -165,7 +211,12 @@ class SelfRewardDPOConfig(MonitoringArguments, DPOConfig, GenerationArguments):
     )
 
     # The paper's setting, selected by `preset="paper"` (XPOConfig names its own)
-    _PAPER_PRESET = {"loss_type": [SHARPEN_LOSS], "sample_from": "base", "self_reward": "logprob", "num_generations": 2}
+    _PAPER_PRESET = {
+        "loss_type": [SHARPEN_LOSS],
+        "sample_from": "base",
+        "self_reward": "logprob",
+        "num_generations": 2,
+    }
 
     def __post_init__(self):
         if self.preset is not None:

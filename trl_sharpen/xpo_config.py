@@ -10,18 +10,25 @@ from .self_reward_dpo_config import SHARPEN_LOSS, SelfRewardDPOConfig
 @dataclass
 class XPOConfig(SelfRewardDPOConfig):
     r"""Configuration for [`XPOTrainer`]: sharpening with an exploration bonus (Huang et al. 2025, Sec. 4.2.2,
-    Algorithm 1; adapted from XPO, Xie et al. 2024, arXiv 2405.21046).
+    Algorithm 1; adapted from XPO, Xie et al. 2024, arXiv 2405.21046). Algorithm 1 and how the defaults differ from
+    it are described once, in [`XPOTrainer`].
 
-    Each step draws y ~ pi (the policy) and y~ ~ pi_base for every prompt, with r(x, y) = log pi_base(y|x), and
-    minimizes
+    Every other field of [`SelfRewardDPOConfig`] keeps its meaning, except that the pair is always (policy sample,
+    base sample): `num_generations` is 2, `sample_from` is `policy` and ties are kept (`ties="keep"`; a tie puts y
+    first). `preset="paper"` sets `loss_type="sharpen"`, `self_reward="logprob"` and `replay_buffer_size=-1`.
 
-    $$\alpha \sum \log \pi(\tilde y|x) + \sum \big(\beta \log\tfrac{\pi(y|x)}{\pi_{base}(y|x)}
-    - \beta \log\tfrac{\pi(\tilde y|x)}{\pi_{base}(\tilde y|x)} - (r(x,y) - r(x,\tilde y))\big)^2$$
-
-    (`loss_type="sharpen"`, the default), or any TRL DPO loss on (chosen, rejected) = (y, y~) ordered by the
-    self-reward, plus the same alpha term (the preference form of TRL's former `XPOTrainer`). Every other field of
-    [`SelfRewardDPOConfig`] keeps its meaning, except that the pair is always (policy sample, base sample):
-    `num_generations` is 2, `sample_from` is `policy` and ties are kept (`ties="keep"`; a tie puts y first).
+    Parameters:
+        loss_type (`list[str]`, *optional*, defaults to `["sharpen"]`):
+            `"sharpen"`: Algorithm 1's squared regression; any TRL DPO loss type gives the preference form of TRL's
+            former XPO.
+        ties (`str`, *optional*, defaults to `"keep"`):
+            Only `"keep"`: XPO trains on every (y, y~) pair.
+        alpha (`float` or `list[float]`, *optional*, defaults to `[1e-5]`):
+            Weight >= 0 of the exploration bonus alpha * mean log pi(y~|x); one value, or one per epoch (the last
+            value once the list runs out).
+        replay_buffer_size (`int`, *optional*, defaults to `0`):
+            Triples of earlier steps replayed in each training micro-batch (Algorithm 1's growing D, capped, per
+            process): -1 keeps all of D, 0 only the current batch.
     """
 
     # Parameters whose default values differ from SelfRewardDPOConfig
