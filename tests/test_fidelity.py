@@ -111,6 +111,17 @@ def test_the_sft_trainer_checks_every_chat_row(tmp_path):
         BoNSFTTrainer(model=TOY_MODEL_PATH, args=args, train_dataset=Dataset.from_dict({"prompt": BAD_CHAT}))
 
 
+def test_the_dpo_trainer_checks_every_chat_row(toy_model, toy_tokenizer, tmp_path):
+    from trl_sharpen import SelfRewardDPOTrainer
+
+    from .trainer_args import online_trainer
+
+    with pytest.raises(ValueError, match=r"Row 1 .*message 1 has no `role`"):
+        online_trainer(
+            SelfRewardDPOTrainer, tmp_path, toy_model, toy_tokenizer, Dataset.from_dict({"prompt": BAD_CHAT})
+        )
+
+
 # 13. Prompts are fingerprinted by content, 14. output_dir never overwrites the input -------------------------------
 
 
@@ -231,6 +242,14 @@ def test_a_failed_first_run_does_not_lock_the_output_dir(toy_model, toy_tokenize
         best_of_n(toy_model, toy_tokenizer, prompts, 2, CountingReward({1: fail}), output_dir=tmp_path, **FAST)
     result = best_of_n(toy_model, toy_tokenizer, prompts, num_samples=3, output_dir=tmp_path, **FAST)
     assert set(result["num_samples"]) == {3}
+
+
+def test_an_unreadable_run_file_beside_shards_is_refused(toy_model, toy_tokenizer, tmp_path):
+    prompts = load_toy_prompts("test", limit=4)
+    best_of_n(toy_model, toy_tokenizer, prompts, num_samples=2, output_dir=tmp_path, **FAST)
+    (tmp_path / "bon_run.json").write_text("{half written")
+    with pytest.raises(ValueError, match="arguments cannot be read from .*bon_run.json"):
+        best_of_n(toy_model, toy_tokenizer, prompts, num_samples=2, output_dir=tmp_path, **FAST)
 
 
 # 6. SFT never trains on a Best-of-N completion cut by max_length ---------------------------------------------------
