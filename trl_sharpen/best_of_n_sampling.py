@@ -236,6 +236,20 @@ class _ShardWriter:
                 )
         return concatenate_datasets([load_from_disk(str(self.path(s))) for s in range(num_shards)])
 
+    def result(self, num_shards: int, local_rows: list[dict], features: Features) -> Dataset:
+        """The whole result, on every process: without an output_dir the rows gathered from all processes, else the
+        verified shards merged into the final dataset in output_dir (by the main process) and loaded from it."""
+        state = PartialState()
+        if self.output_dir is None:
+            rows = local_rows if state.num_processes == 1 else gather_object(local_rows)
+            return Dataset.from_list(sorted(rows, key=lambda r: r["prompt_index"]), features=features)
+        state.wait_for_everyone()
+        with _quiet_datasets():
+            if state.is_main_process:
+                _save_final(self.read_verified(num_shards), self.output_dir)
+            state.wait_for_everyone()
+            return load_from_disk(str(self.output_dir))
+
 
 def best_of_n(
     model: torch.nn.Module,
@@ -362,15 +376,7 @@ def best_of_n(
     finally:
         bar.close()
 
-    if output_dir is None:
-        rows = local_rows if state.num_processes == 1 else gather_object(local_rows)
-        return Dataset.from_list(sorted(rows, key=lambda r: r["prompt_index"]), features=features)
-    state.wait_for_everyone()
-    with _quiet_datasets():
-        if state.is_main_process:
-            _save_final(writer.read_verified(num_shards), output_dir)
-        state.wait_for_everyone()
-        return load_from_disk(str(output_dir))
+    return writer.result(num_shards, local_rows, features)
 
 
 def _save_final(dataset: Dataset, output_dir: Path) -> None:

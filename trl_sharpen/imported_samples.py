@@ -46,12 +46,11 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset, Features, load_from_disk
+from datasets import Dataset, Features
 
 from .best_of_n_sampling import (
     BON_FEATURES,
     _quiet_datasets,
-    _save_final,
     _ShardWriter,
     check_output_dir_is_not_input,
     select_best,
@@ -246,14 +245,7 @@ def best_of_n_from_samples(
         with _quiet_datasets():
             writer.write(shard, Dataset.from_list(shard_rows, features=features))
         local_rows.extend(shard_rows)
-    if output_dir is None:
-        return Dataset.from_list(local_rows, features=features)
-    state.wait_for_everyone()
-    with _quiet_datasets():
-        if state.is_main_process:
-            _save_final(writer.read_verified(num_shards), output_dir)
-        state.wait_for_everyone()
-        return load_from_disk(str(output_dir))
+    return writer.result(num_shards, local_rows, features)
 
 
 def _cross_check(model, prepared, checked: list[int], tolerance: float, batch_size: int) -> None:
