@@ -386,3 +386,17 @@ def test_a_collapsed_policy_reports_a_large_sharpening_error(toy_model, toy_toke
     assert all(ids == [toy_tokenizer.eos_token_id] for row in report.samples.completion_ids for ids in row)
     assert max(lp for row in report.samples.logprobs for lp in row) > -1e-3  # certain of its own samples
     assert report.sharpening_error > 0.99 and report.sharpened_fraction == 0.0
+
+
+def no_answer(text):
+    """An extractor that never finds an answer (e.g. True/False answers under a number extractor)."""
+    return None
+
+
+def test_evaluation_warns_when_majority_has_no_answers_to_vote_on(toy_model, toy_tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_sharpen"):
+        evaluate_sharpening(
+            toy_model, toy_tokenizer, load_toy_prompts("test", limit=2), num_samples=4, max_completion_length=40,
+            self_rewards=("majority",), answer_extractor=no_answer,
+        )  # fmt: skip
+    assert "8 of 8 samples (100%) have no answer" in caplog.text

@@ -337,6 +337,15 @@ def evaluate_sharpening(
         reward = get_self_reward(spec, answer_extractor=extractor, model=scorer, tokenizer=tokenizer)
         if isinstance(reward, MajorityReward):
             rewards[reward.name] = None  # recomputed within each subset from the extracted answers
+            missing = sum(extractor(text) is None for text in texts)
+            if 2 * missing > len(texts):  # then BoN majority mostly picks at random among answers that score 0
+                logger.warning(
+                    "majority self-reward: %d of %d samples (%.0f%%) have no answer the extractor can read; its "
+                    "BoN curve then mostly measures random picks. Pass an answer extractor that fits the task.",
+                    missing,
+                    len(texts),
+                    100 * missing / len(texts),
+                )
         else:
             rewards[reward.name] = reward(
                 [prompts[p] for p in sampled.prompt_index],
