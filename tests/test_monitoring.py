@@ -90,8 +90,9 @@ def test_aggregate_matches_hand_computation():
     # BoN@2 by log pi_base: prompt 0's best-scored sample is truncated, so the complete one (correct) is taken;
     # prompt 1 takes sample 0 (-2.0 > -2.5), which is wrong
     assert metrics["bon_accuracy"] == pytest.approx(0.5)
-    # delta: y* = the candidate pi_base rates highest (prompt 0: sample 1 at -1.0, pi = e^-2; prompt 1: sample 0)
-    assert metrics["sharpening_error"] == pytest.approx(np.mean([1 - math.exp(-2.0), 1 - math.exp(-0.5)]))
+    # delta: y* = the complete candidate pi_base rates highest (prompt 0: not the truncated sample 1 at -1.0 but the
+    # greedy output at -2.0, pi = e^-1; prompt 1: sample 0 at -2.0, pi = e^-0.5)
+    assert metrics["sharpening_error"] == pytest.approx(np.mean([1 - math.exp(-1.0), 1 - math.exp(-0.5)]))
     assert "greedy_accuracy" not in aggregate([record([-1.0], [-1.0])], beta)
 
 
@@ -170,11 +171,11 @@ def test_each_metric_matches_a_direct_computation(toy_model, toy_tokenizer):
     bon = [correct[p][max(np.flatnonzero(~truncated[p]) if (~truncated[p]).any() else range(k), key=lambda i: base_logp[p][i])]
            for p in range(len(prompt_ids))]  # fmt: skip
     assert metrics["bon_accuracy"] == pytest.approx(np.mean(bon))
-    # delta: y* = argmax pi_base among samples, policy greedy and pi_base greedy; delta = 1 - pi(y*)
+    # delta: y* = argmax pi_base among the complete samples, policy greedy and pi_base greedy; delta = 1 - pi(y*)
     deltas = []
     for p in range(len(prompt_ids)):
-        candidates = [samples.completion_ids[p * k + i] for i in range(k)]
-        candidates += [greedy.completion_ids[p], base_greedy.completion_ids[p]]
+        candidates = [samples.completion_ids[p * k + i] for i in range(k) if not truncated[p][i]]
+        candidates += [out.completion_ids[p] for out in (greedy, base_greedy) if not out.truncated[p]]
         scores = sequence_logprobs(base, [prompt_ids[p]] * len(candidates), candidates)
         best = candidates[int(scores.argmax())]
         deltas.append(1 - sequence_logprobs(policy, [prompt_ids[p]], [best]).exp().item())

@@ -53,6 +53,7 @@ from .evaluation import check_answers, get_answer_checker
 from .generation import generate_completions, sampling_config, seeded
 from .logprobs import sequence_logprobs
 from .metrics import best_of_n_selection_probabilities
+from .report import SampleSet, sharpening_errors
 
 
 logger = logging.getLogger(__name__)
@@ -199,18 +200,29 @@ class PromptRecord:
     base_greedy_base_logprob: float
     sample_correct: list[bool] | None = None
     greedy_correct: bool | None = None
+    greedy_truncated: bool = False  # cut at the length limit: a prefix, not a response
+    base_greedy_truncated: bool = False
 
 
 def sharpening_error_against_base(record: PromptRecord) -> float:
-    """delta(x) = 1 - pi(y*|x) with y* = argmax pi_base (Def. 3.1), y* taken as the candidate that pi_base rates
-    highest among the policy's samples, its greedy output and pi_base's greedy output."""
-    candidates = [
-        *zip(record.sample_base_logprobs, record.sample_logprobs),
-        (record.greedy_base_logprob, record.greedy_logprob),
-        (record.base_greedy_base_logprob, record.base_greedy_logprob),
+    """delta(x) = 1 - pi(y*|x) with y* = argmax pi_base (Def. 3.1), by `trl_sharpen.report.sharpening_errors` (the
+    evaluation report's definition): y* is the complete candidate pi_base rates highest among the policy's samples,
+    its greedy output and pi_base's greedy output."""
+    k = len(record.sample_logprobs)
+    greedy_outputs = [
+        (record.greedy_base_logprob, record.greedy_logprob, record.greedy_truncated),
+        (record.base_greedy_base_logprob, record.base_greedy_logprob, record.base_greedy_truncated),
     ]
-    _, policy_logprob = max(candidates, key=lambda pair: pair[0])
-    return 1.0 - math.exp(policy_logprob)
+    samples = SampleSet(
+        completions=[[""] * k],  # texts are not needed for delta
+        answers=[record.sample_answers],
+        correct=[record.sample_correct or [False] * k],
+        base_logprobs=[record.sample_base_logprobs],
+        logprobs=[record.sample_logprobs],
+        truncated=[record.sample_truncated],
+        mode_candidates=[[(base, policy) for base, policy, cut in greedy_outputs if not cut]],
+    )
+    return sharpening_errors(samples)[0]
 
 
 def best_of_k_accuracy(record: PromptRecord) -> float:
@@ -305,8 +317,8 @@ def measure_prompts(
         with model_context(True) as base:
             done = _generate(base, tokenizer, [prompt_ids[i] for i in missing], num_samples=1, do_sample=False,
                              max_new_tokens=max_new_tokens, prompts_per_call=prompts_per_call)  # fmt: skip
-        for i, ids, logprob in zip(missing, done.completion_ids, done.logprobs):
-            cache[tuple(prompt_ids[i])] = (ids, logprob)
+        for i, ids, logprob, cut in zip(missing, done.completion_ids, done.logprobs, done.truncated):
+            cache[tuple(prompt_ids[i])] = (ids, logprob, cut)
     base_greedy_ids = [cache[tuple(ids)][0] for ids in prompt_ids]
 
     with model_context(False) as policy:
@@ -343,6 +355,8 @@ def measure_prompts(
                 base_greedy_base_logprob=cache[tuple(prompt_ids[p])][1],
                 sample_correct=None if correct is None else correct[rows],
                 greedy_correct=None if greedy_correct is None else greedy_correct[p],
+                greedy_truncated=greedy.truncated[p],
+                base_greedy_truncated=cache[tuple(prompt_ids[p])][2],
             )
         )
     return records
@@ -425,9 +439,10 @@ class SharpeningMonitorMixin:
             policy_forwards=generated,
             seconds=seconds,
         )
-        logger.info(
-            "Sharpening evaluation at step %d: %s.", self.state.global_step, self.last_evaluation_cost.describe()
-        )
+        if self.accelerator.is_main_process:
+            logger.info(
+                "Sharpening evaluation at step %d: %s.", self.state.global_step, self.last_evaluation_cost.describe()
+            )
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(seconds, 4)
         if self.state.epoch is not None:
