@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback
 
 from trl_sharpen import (
@@ -196,7 +197,7 @@ def test_objective_of_the_base_itself_is_its_log_likelihood(toy_model, toy_token
 
 
 # ----------------------------------------------------------------------------------------------- the trainers
-def build_trainer(kind, tmp_path, eval_dataset, **overrides):
+def build_trainer(kind, tmp_path, eval_dataset, peft_config=None, **overrides):
     train = load_toy_prompts("train").select(range(8))
     model = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH)
     common = {"eval_num_prompts": 6, "eval_num_samples": 3, **overrides}
@@ -211,8 +212,9 @@ def build_trainer(kind, tmp_path, eval_dataset, **overrides):
         args = cpu_test_args(config_class, tmp_path, **common)
     tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_PATH)
     return trainer_class(
-        model=model, args=args, train_dataset=train, eval_dataset=eval_dataset, processing_class=tokenizer
-    )
+        model=model, args=args, train_dataset=train, eval_dataset=eval_dataset, processing_class=tokenizer,
+        peft_config=peft_config,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "xpo"])
@@ -231,6 +233,21 @@ def test_evaluate_returns_the_sharpening_metrics(kind, tmp_path):
     unlabeled = trainer.evaluate(eval_dataset=test.remove_columns("answer"))
     assert set(unlabeled) & (LABEL_FREE | WITH_LABELS) == LABEL_FREE
     assert unlabeled["eval_objective"] == pytest.approx(metrics["eval_objective"])  # same prompts, same seed
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_evaluate_with_peft_scores_under_the_adapter_disabled_base(kind, tmp_path):
+    trainer = build_trainer(kind, tmp_path, load_toy_prompts("test").select(range(6)),
+                            peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    assert getattr(trainer, "_frozen_base", None) is None  # no second copy of the weights
+    assert trainer.evaluate()["eval_kl"] == pytest.approx(0.0, abs=1e-4)  # LoRA starts as the identity
+    with torch.no_grad():  # move the adapters: the policy leaves pi_base, which stays the adapter-disabled model
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    moved = trainer.evaluate()
+    assert moved["eval_kl"] > 0.05
+    assert moved["eval_objective"] == pytest.approx(moved["eval_base_logprob"] - 0.1 * moved["eval_kl"], abs=1e-4)
 
 
 def test_metric_direction_and_validation(tmp_path):
