@@ -269,3 +269,14 @@ def test_recipe_prints_one_line_without_traceback(tmp_path):
     assert out.returncode == 1, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith(f"trl-sharpen: error: {BETA.format('0.0')}")
     assert "Traceback" not in out.stderr
+
+
+def test_recipe_loaders_refuse_a_non_model_folder_and_a_missing_dataset_file():
+    from trl import ModelConfig
+
+    from trl_sharpen.script_utils import SharpenScriptArguments, load_model_name_and_tokenizer, load_prompt_datasets
+
+    with pytest.raises(ValueError, match=f"--model_name_or_path {TOY_DATA_DIR} is a folder without a model"):
+        load_model_name_and_tokenizer(ModelConfig(model_name_or_path=TOY_DATA_DIR), training_args=None)
+    with pytest.raises(FileNotFoundError, match=f"The dataset file {MISSING} does not exist"):
+        load_prompt_datasets(SharpenScriptArguments(dataset_name=MISSING))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Light imports only (standard library underneath): `trl-sharpen --help` must not load torch
-from .errors import check_output_dir, clear_errors
+from .errors import check_model_path, check_output_dir, clear_errors
 from .real_models import ConvertArguments, resolve_model_name_or_path, run_convert
 from .sampling_arguments import BestOfNSamplingArguments, SamplingArguments, field_like
 
@@ -136,17 +136,7 @@ def resolve_model_path(name_or_path: str | None, option: str = "--model_name_or_
             "package or a Hub id."
         )
     resolved = str(resolve_model_name_or_path(name_or_path))
-    path = Path(resolved).expanduser()
-    if path.is_dir():
-        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
-            raise ValueError(
-                f"{option} {name_or_path} is a folder without a model (no config.json or adapter_config.json): pass "
-                "a folder written by save_pretrained, a .gguf file, an installed model package or a Hub id."
-            )
-    elif path.exists():
-        raise ValueError(f"{option} {name_or_path} is a file but not a .gguf model: pass a model folder or a Hub id.")
-    elif name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
-        raise ValueError(f"{option} {name_or_path} does not exist: pass an existing model folder, or a Hub id.")
+    check_model_path(name_or_path, resolved, option)
     return resolved
 
 

@@ -71,6 +71,22 @@ def check_output_dir(path: str | os.PathLike | None, option: str = "output_dir")
         ) from error
 
 
+def check_model_path(name_or_path: str, resolved: str, option: str = "--model_name_or_path") -> None:
+    """A local model argument must be a model folder (checked before transformers fails on it with a message about
+    tokenizer packages); a name that is not a local path is left to `from_pretrained` (a Hub id)."""
+    path = Path(resolved).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise ValueError(
+                f"{option} {name_or_path} is a folder without a model (no config.json or adapter_config.json): pass "
+                "a folder written by save_pretrained, a .gguf file, an installed model package or a Hub id."
+            )
+    elif path.exists():
+        raise ValueError(f"{option} {name_or_path} is a file but not a .gguf model: pass a model folder or a Hub id.")
+    elif name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
+        raise ValueError(f"{option} {name_or_path} does not exist: pass an existing model folder, or a Hub id.")
+
+
 def check_resume_from_checkpoint(value) -> None:
     """A checkpoint folder given to `resume_from_checkpoint` must exist, checked before Best-of-N sampling or model
     loading rather than when training starts."""

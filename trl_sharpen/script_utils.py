@@ -16,6 +16,7 @@ from trl import ScriptArguments
 from .callbacks import GreedyReportCallback
 from .data import as_prompt_dataset, check_dataset_path, ensure_pad_token, is_saved_dataset
 from .distributed import print_rank_summary
+from .errors import check_model_path
 from .real_models import resolve_model_name_or_path
 from .sampling_arguments import warn_deprecated
 from .toy import TOY_DATA_DIR, TOY_MODEL_PATH
@@ -125,7 +126,9 @@ def load_model_name_and_tokenizer(model_args, training_args):
     trainer's `model_init_kwargs`, and its tokenizer (EOS as pad token when it has none)."""
     # A GGUF file or model package becomes its converted float folder (once, cached; other ranks wait for it). The
     # rewritten `model_name_or_path` is what the trainer, a reference model and the tokenizer then load.
-    model_args.model_name_or_path = resolve_model_name_or_path(model_args.model_name_or_path or TOY_MODEL_PATH)
+    requested = model_args.model_name_or_path or TOY_MODEL_PATH
+    model_args.model_name_or_path = resolve_model_name_or_path(requested)
+    check_model_path(requested, model_args.model_name_or_path)  # a non-model folder: say so before TRL loads it
     model_name = model_args.model_name_or_path
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
