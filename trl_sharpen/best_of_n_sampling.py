@@ -408,7 +408,7 @@ def _best_of_n_shard(
     truncation_penalty: float,
     **sampling,
 ) -> list[dict]:
-    samples = _sample(model, prompt_ids, generation_config, **sampling)
+    samples = _sample(model, prompt_ids, generation_config, tokenizer=tokenizer, **sampling)
     # Decode and score all completions of the shard in one call each; `group_ids` tells group-wise rewards (majority)
     # which prompt a completion belongs to
     group_ids = [p for p, (ids, _, _) in enumerate(samples) for _ in ids]
@@ -453,6 +453,7 @@ def _sample(
     prompt_ids,
     generation_config,
     *,
+    tokenizer,
     num_samples,
     batch_size,
     adaptive_delta,
@@ -476,6 +477,7 @@ def _sample(
             record_logprobs=base_logprobs_fn is None,
             synced_gpus=synced_gpus,
             progress=progress,
+            tokenizer=tokenizer,  # reads the completions when the config has stop strings
         )
         logprobs = _base_logprobs(completions, [prompt_ids[p] for p in active], base_logprobs_fn)
         for row, local in enumerate(completions.prompt_index):
