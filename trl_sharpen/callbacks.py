@@ -97,6 +97,7 @@ class GreedyReportCallback(TrainerCallback):
                 checker=self.checker,
                 base_model=base_model,
                 max_new_tokens=self.max_new_tokens,
+                stop_strings=getattr(trainer.args, "stop_strings", None),  # a few-shot run's own stop strings
             )
         del reloaded
         gc.collect()
