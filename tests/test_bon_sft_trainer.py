@@ -268,15 +268,16 @@ def test_bad_train_dataset_raises(tmp_path, toy_tokenizer, dataset, match):
         make_trainer(tmp_path, toy_tokenizer, train_dataset=Dataset.from_dict(dataset))
 
 
-def test_prompt_only_eval_dataset_raises(tmp_path, toy_tokenizer):
-    with pytest.raises(ValueError, match="eval dataset is prompt-only"):
-        BoNSFTTrainer(
-            model=TOY_MODEL_PATH,
-            args=make_config(tmp_path),
-            train_dataset=load_toy_prompts("train", limit=8),
-            eval_dataset=load_toy_prompts("test", limit=8),
-            processing_class=toy_tokenizer,
-        )
+def test_prompt_only_eval_dataset_gets_the_sharpening_metrics(tmp_path, toy_tokenizer):
+    # Held-out prompts are monitored label-free (trl_sharpen.monitoring; tests/test_monitoring.py), not refused
+    trainer = BoNSFTTrainer(
+        model=TOY_MODEL_PATH,
+        args=make_config(tmp_path, eval_num_prompts=4, eval_num_samples=2),
+        train_dataset=load_toy_prompts("train", limit=8),
+        eval_dataset=load_toy_prompts("test", limit=8),
+        processing_class=toy_tokenizer,
+    )
+    assert {"eval_objective", "eval_greedy_accuracy"} <= set(trainer.evaluate())
 
 
 def test_sft_config_is_accepted():
