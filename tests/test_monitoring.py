@@ -254,8 +254,9 @@ def test_metric_direction_and_validation(tmp_path):
     args = cpu_test_args(XPOConfig, tmp_path, eval_strategy="steps", eval_steps=1, save_steps=1,
                          save_strategy="steps", load_best_model_at_end=True)  # fmt: skip
     assert (args.metric_for_best_model, args.greater_is_better) == ("objective", True)
-    args = cpu_test_args(SelfRewardDPOConfig, tmp_path, metric_for_best_model="eval_sharpening_error")
-    assert args.greater_is_better is False
+    for metric in ("eval_sharpening_error", "sharpening_error", "eval_heldout_sharpening_error"):
+        args = cpu_test_args(SelfRewardDPOConfig, tmp_path, metric_for_best_model=metric)
+        assert args.greater_is_better is False, metric
     with pytest.raises(ValueError, match="greater_is_better"):
         cpu_test_args(SelfRewardDPOConfig, tmp_path, metric_for_best_model="objective", greater_is_better=False)
     for bad in ({"eval_num_samples": 0}, {"eval_num_prompts": True}, {"collapse_length_drop": 1.5}, {"collapse_min_distinct_answers": -1.0},

@@ -164,8 +164,10 @@ class MonitoringArguments:
         # Our evaluation has no eval_loss: selecting the best iterate defaults to J_beta (Algorithm 1), not to "loss"
         if getattr(self, "load_best_model_at_end", False) and getattr(self, "metric_for_best_model", "") is None:
             self.metric_for_best_model = "objective"
-        name = (getattr(self, "metric_for_best_model", None) or "").removeprefix("eval_")
-        if name in HIGHER_IS_BETTER:
+        # "objective", "eval_objective", or "eval_<dataset>_objective" with several eval datasets
+        metric = getattr(self, "metric_for_best_model", None) or ""
+        name = next((key for key in HIGHER_IS_BETTER if metric == key or metric.endswith(f"_{key}")), None)
+        if name is not None:
             direction = HIGHER_IS_BETTER[name]
             if getattr(self, "greater_is_better", None) is None:
                 self.greater_is_better = direction
