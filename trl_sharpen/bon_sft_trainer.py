@@ -448,6 +448,8 @@ class BoNSFTTrainer(SharpeningMonitorMixin, SFTTrainer):
                     "pi_base's own samples: regenerate the data with this model (`trl-sharpen bon`), or pass the "
                     "prompts and let the trainer sample them."
                 )
+        if run.get("samples") == "imported":  # generated elsewhere (`--samples_file`): no sampling settings to compare
+            return
         # The settings that shape the samples (not where they are stored or their seed)
         sampling = self.args.fingerprint(run.get("self_reward"))
         sampling = {k: v for k, v in sampling.items() if k not in ("self_reward", "shard_size", "seed")}
