@@ -200,6 +200,16 @@ SCALE_OUT_INTERNALS = [
 ]
 
 
+def test_greedy_report_callback_relies_on_the_training_loop_order():
+    """GreedyReportCallback (trl_sharpen/callbacks.py) reports in `on_train_begin`: the model must already be prepared
+    (placed, wrapped, sharded) and a resumed state loaded by then, so it reads `state.global_step` and
+    `model_wrapped`."""
+    loop = inspect.getsource(Trainer._inner_training_loop)
+    begin = loop.index("self.callback_handler.on_train_begin(")
+    assert loop.index("self._init_training_state(") < begin  # a resumed run's state (global_step) is loaded
+    assert loop.index("self._prepare_for_training(") < begin  # the model is placed / wrapped / sharded
+
+
 def test_scale_out_relies_on_accelerate_transformers_and_trl_behaviour():
     from accelerate.state import AcceleratorState, PartialState
     from transformers import PreTrainedModel
