@@ -286,18 +286,18 @@ class SelfRewardDPOTrainer(SharpeningMonitorMixin, DPOTrainer):
         selection = self._select_pairs(rewards, samples)
         chosen, rejected = (torch.tensor(indices) for indices in selection.batch_pairs)
         if base_logps is None:  # a self-reward that does not read pi_base: score only the selected pairs
-            both = torch.cat([chosen, rejected]).tolist()
-            pair_logps = self._base_logprobs(
+            both = torch.cat([chosen, rejected])
+            base_logps = torch.zeros(len(samples))
+            base_logps[both] = self._base_logprobs(
                 [row_prompt_ids[i] for i in both], [samples.completion_ids[i] for i in both]
-            ).chunk(2)
-        else:
-            pair_logps = base_logps[chosen], base_logps[rejected]
+            )
         self._log_samples(inputs, samples, rewards, selection)
         return self._pair_batch(
             [row_prompt_ids[i] for i in chosen],
             [samples.completion_ids[i] for i in chosen],
             [samples.completion_ids[i] for i in rejected],
-            *pair_logps,
+            base_logps[chosen],  # DPO's reference log-probs
+            base_logps[rejected],
             chosen_rewards=rewards[chosen],
             rejected_rewards=rewards[rejected],
             loss_scale=torch.tensor(selection.loss_scale),
