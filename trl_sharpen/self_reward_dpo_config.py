@@ -9,12 +9,12 @@ from trl import DPOConfig
 
 from .errors import check_output_dir, check_resume_from_checkpoint
 from .monitoring import MonitoringArguments
+from .pairs import TIE_HANDLING
 from .sampling_arguments import GenerationArguments, field_like
 
 
 SHARPEN_LOSS = "sharpen"
 SAMPLE_FROM = ("policy", "base")
-TIE_HANDLING = ("skip", "keep")
 # TRL 1.16's DPO losses (the branches of `DPOTrainer`'s loss; tests/test_bad_inputs.py checks them against its
 # `loss_type` help), plus the paper's regression. Checked when the config is built, not at the first step.
 DPO_LOSS_TYPES = (
