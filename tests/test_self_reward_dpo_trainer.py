@@ -16,7 +16,7 @@ from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
 from .launching import launch_toy_recipe, parse_recipe_yaml, recipe_yamls, yaml_values_not_applied
 from .sharpening_check import train_and_check_sharpening
-from .trainer_args import cpu_test_args, online_trainer
+from .trainer_args import cpu_test_args, online_trainer, train_and_check_basics
 
 
 make_config = functools.partial(cpu_test_args, SelfRewardDPOConfig)  # (tmp_path, **overrides)
@@ -64,33 +64,11 @@ def last(log_history, key):
 
 
 def test_trains_policy_keeps_reference_tags_and_logs_metrics(tmp_path, toy_model, toy_tokenizer):
+    metrics = ["loss", "self_reward/chosen", "self_reward/rejected", "self_reward/margin", "self_reward/ties_skipped"]
+    metrics += ["completions/mean_length", "completions/clipped_ratio", "rewards/accuracies", "rewards/margins"]
+    metrics += ["logps/chosen", "logps/rejected"]
     trainer = make_trainer(tmp_path, toy_model, toy_tokenizer)
-    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
-    trainer.train()
-
-    changed = [name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])]
-    assert changed, "no trainable parameter changed"
-    base = base_state()
-    for name, p in trainer.ref_model.state_dict().items():
-        assert torch.equal(p, base[name]), f"reference parameter {name} changed"
-
-    for tag in ("trl", "trl-sharpen", "rlhf-sharpening"):
-        assert tag in trainer.model.model_tags
-    history = trainer.state.log_history
-    for key in (
-        "loss",
-        "self_reward/chosen",
-        "self_reward/rejected",
-        "self_reward/margin",
-        "self_reward/ties_skipped",
-        "completions/mean_length",
-        "completions/clipped_ratio",
-        "rewards/accuracies",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-    ):
-        assert last(history, key), f"metric {key} was not logged"
+    history = train_and_check_basics(trainer, ["trl", "trl-sharpen", "rlhf-sharpening"], metrics)
     assert all(m >= 0 for m in last(history, "self_reward/margin"))
     trainer.create_model_card(model_name="toy-sharpened")
     card = (tmp_path / "README.md").read_text()

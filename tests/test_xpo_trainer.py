@@ -18,7 +18,7 @@ from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 from .launching import launch_toy_recipe, parse_recipe_yaml, recipe_yamls, yaml_values_not_applied
 from .sharpening_check import train_and_check_sharpening
 from .test_self_reward_dpo_trainer import count_scoring_forwards  # pi_base scoring passes (no KV cache)
-from .trainer_args import cpu_test_args, online_trainer
+from .trainer_args import cpu_test_args, online_trainer, train_and_check_basics
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,32 +52,11 @@ def pair_rows(batch):
 
 
 def test_trains_policy_keeps_reference_tags_logs_metrics_and_cites_both_papers(tmp_path, toy_model, toy_tokenizer):
+    metrics = ["loss", "xpo/bonus", "xpo/alpha", "xpo/replayed", "logps/base_samples", "self_reward/sharpen_loss"]
+    metrics += ["self_reward/policy_samples", "self_reward/base_samples", "self_reward/chosen", "self_reward/rejected"]
+    metrics += ["completions/mean_length", "rewards/margins"]
     trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, alpha=0.5)
-    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
-    trainer.train()
-
-    assert any(not torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
-    base = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).state_dict()
-    for name, p in trainer.ref_model.state_dict().items():
-        assert torch.equal(p, base[name]), f"reference parameter {name} changed"
-    for tag in ("trl", "trl-sharpen", "xpo"):
-        assert tag in trainer.model.model_tags
-    history = trainer.state.log_history
-    for key in (
-        "loss",
-        "xpo/bonus",
-        "xpo/alpha",
-        "xpo/replayed",
-        "logps/base_samples",
-        "self_reward/sharpen_loss",
-        "self_reward/policy_samples",
-        "self_reward/base_samples",
-        "self_reward/chosen",
-        "self_reward/rejected",
-        "completions/mean_length",
-        "rewards/margins",
-    ):
-        assert logged(history, key), f"metric {key} was not logged"
+    history = train_and_check_basics(trainer, ["trl", "trl-sharpen", "xpo"], metrics)
     assert logged(history, "xpo/alpha") == [0.5, 0.5]
     # The bonus is alpha * mean log pi(y~|x); at step 1 the policy is pi_base, so that is alpha * mean self-reward
     assert logged(history, "xpo/bonus")[0] == pytest.approx(0.5 * logged(history, "logps/base_samples")[0], rel=1e-5)

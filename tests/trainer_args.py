@@ -31,3 +31,24 @@ def online_trainer(trainer_class, tmp_path, model, tokenizer, train_dataset=None
         train_dataset=train_dataset if train_dataset is not None else load_toy_prompts("train").select(range(64)),
         processing_class=tokenizer,
     )
+
+
+def train_and_check_basics(trainer, tags, metrics) -> list[dict]:
+    """Train; require some policy weight to change, the reference model (pi_base) to stay the bundled base, the model
+    tags, and each of `metrics` to be logged. Returns the log history."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trl_sharpen.toy import TOY_MODEL_PATH
+
+    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(p, before[name]) for name, p in trainer.model.named_parameters()), "nothing trained"
+    base = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).state_dict()
+    for name, p in trainer.ref_model.state_dict().items():
+        assert torch.equal(p, base[name]), f"reference parameter {name} changed"
+    assert set(tags) <= set(trainer.model.model_tags)
+    history = trainer.state.log_history
+    missing = [key for key in metrics if not any(key in entry for entry in history)]
+    assert not missing, f"metrics not logged: {missing}"
+    return history
