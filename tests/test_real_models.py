@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from trl_sharpen import best_of_n, real_models
+from trl_sharpen.bon_sft_trainer import selected_sequences
 from trl_sharpen.generation import generate_completions, sampling_config
 from trl_sharpen.logprobs import sequence_logprobs
 from trl_sharpen.real_models import DONE_FILE, convert, load_gguf, locate_gguf, resolve_model_name_or_path
@@ -186,6 +187,11 @@ def test_best_of_n_chat_stops_at_end_of_turn_and_rewards_equal_rescoring(smollm2
             torch.tensor(row["rewards"], dtype=torch.float64), rescored.double(), atol=2e-3, rtol=1e-4
         )
     assert complete >= 2, "SmolLM2 answers these in a few tokens: samples must end their turn"
+    # SFT-Sharpening trains on the selected sample's exact ids: a complete answer's target ends with <|im_end|>
+    targets = selected_sequences(result)
+    for row, target in zip(result, targets, strict=True):
+        assert target["input_ids"] == row["prompt_ids"] + row["selected_completion_ids"]
+        assert (target["input_ids"][-1] == end_of_turn) != row["truncated"][row["selected_index"]]
 
 
 @real_model
