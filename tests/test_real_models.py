@@ -232,3 +232,52 @@ def test_stop_strings_with_the_base_model(gemma):
         torch.tensor(row["rewards"], dtype=torch.float64), rescored.double(), atol=2e-3, rtol=1e-4
     )
     assert not all(row["truncated"])
+
+
+@real_model
+def test_recipe_loader_accepts_a_short_name(smollm2_path):
+    from trl import ModelConfig
+
+    from trl_sharpen.script_utils import load_model_name_and_tokenizer
+    from trl_sharpen.self_reward_dpo_config import SelfRewardDPOConfig
+
+    model_args = ModelConfig(model_name_or_path="smollm2-135m-instruct")
+    training_args = SelfRewardDPOConfig(output_dir="unused", use_cpu=True, report_to="none")
+    name, tokenizer = load_model_name_and_tokenizer(model_args, training_args)
+    assert name == model_args.model_name_or_path == smollm2_path  # what the trainer and a reference model load
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+@real_model
+def test_eval_command_on_a_package_with_stop_strings(tmp_path, capsys):
+    """`trl-sharpen eval --model_name_or_path smollm2-135m-instruct` with few-shot prompts and a stop string: the
+    report shows the mean completion lengths, and every complete sample ends at the stop string."""
+    from transformers import AutoTokenizer
+
+    from trl_sharpen.cli import main as cli_main
+
+    data = tmp_path / "few_shot.jsonl"
+    rows = [{"prompt": FEW_SHOT.format(a=a, b=b), "answer": str(a + b)} for a, b in [(3, 4), (2, 2)]]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cli_main(
+        ["eval", "--model_name_or_path", "smollm2-135m-instruct", "--dataset_name", str(data),
+         "--num_samples", "3", "--self_rewards", "logprob", "--max_completion_length", "12",
+         "--stop_strings", "\n", "--output_dir", str(tmp_path / "out"), "--plots", "false"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "mean completion length (tokens)" in out and "BoN@3 logprob" in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["stop_strings"] == ["\n"]
+    assert 0 < report["greedy"]["mean_length"] <= 12 and 0 < report["mean_sample_length"] <= 12
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name_or_path("smollm2-135m-instruct"))
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    ends = []
+    for sample in samples:
+        ids, text = sample["completion_ids"], tokenizer.decode(sample["completion_ids"])
+        if ids[-1] == tokenizer.eos_token_id:  # SmolLM2-Instruct often closes its turn right after the number
+            ends.append("eos")
+            assert "\n" not in text
+        elif not sample["truncated"]:
+            ends.append("stop")
+            assert "\n" in text and "\n" not in tokenizer.decode(ids[:-1])
+    assert "stop" in ends, "with seed 0 SmolLM2 writes '7\\n'-style answers: the stop string must end some samples"
