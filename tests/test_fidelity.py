@@ -55,15 +55,16 @@ def test_adaptive_sampling_keeps_sampling_prompts_whose_samples_are_all_cut(toy_
     result = best_of_n(
         toy_model,
         toy_tokenizer,
-        load_toy_prompts("test", limit=6),
-        num_samples=8,
+        load_toy_prompts("test", limit=4),
+        num_samples=6,
         adaptive_delta=0.5,
-        adaptive_round_size=2,
+        adaptive_round_size=3,
         **{**FAST, "max_new_tokens": 2},
     )
-    for row in result:
-        if all(row["truncated"]):
-            assert row["num_samples"] == 8
+    all_cut = [row for row in result if all(row["truncated"])]
+    assert all(row["num_samples"] == 6 for row in all_cut)
+    # ...where counting the prefixes would have stopped some of them early
+    assert any(adaptive_stopping_index(row["base_logprobs"], math.log(2 / 0.5)) < 6 for row in all_cut)
 
 
 # 7. Majority: at least 3 samples, and a warning when most samples have no answer ------------------------------------
