@@ -199,7 +199,8 @@ def test_stop_strings_with_the_base_model(gemma):
     """Few-shot Gemma-3-270M: a completion ends at the token that completes the first stop string (kept whole, even
     when the string ends inside it); its log-probability covers exactly those tokens; it is not truncated."""
     model, tokenizer = gemma
-    prompt_ids = [tokenizer(FEW_SHOT.format(a=a, b=b))["input_ids"] for a, b in [(3, 4), (1, 1)]]
+    prompt_ids = [tokenizer(FEW_SHOT.format(a=a, b=b))["input_ids"] for a, b in [(3, 4), (12, 30)]]
+    assert len(prompt_ids[1]) > len(prompt_ids[0])  # the first is left-padded with Gemma's <pad>
     greedy = sampling_config(model, tokenizer, do_sample=False, max_new_tokens=12)
     free = generate_completions(model, prompt_ids, greedy, tokenizer=tokenizer)
     stops = ["\n"]  # Gemma writes "\n\n" as one token: the stop string ends inside it
@@ -213,6 +214,8 @@ def test_stop_strings_with_the_base_model(gemma):
         assert not truncated
         rescored = sequence_logprobs(model, [prompt], [ids]).item()
         assert abs(logprob - rescored) < 2e-3
+    alone = generate_completions(model, prompt_ids[:1], greedy, tokenizer=tokenizer, stop_strings=stops)
+    assert alone.completion_ids[0] == cut.completion_ids[0] and abs(alone.logprobs[0] - cut.logprobs[0]) < 1e-3
     # sampled Best-of-N with stop strings (from the config, as `SamplingArguments` passes them)
     result = best_of_n(
         model, tokenizer, [FEW_SHOT.format(a=2, b=5)], num_samples=3, max_new_tokens=12, stop_strings=["\n\n", "Q:"],
