@@ -172,7 +172,7 @@ def test_best_of_n_chat_stops_at_end_of_turn_and_rewards_equal_rescoring(smollm2
     prompts = [
         [{"role": "user", "content": f"What is {a} + {b}? Reply with only the number."}] for a, b in [(3, 4), (5, 2)]
     ]
-    result = best_of_n(model, tokenizer, prompts, num_samples=3, max_new_tokens=32, progress=False)
+    result = best_of_n(model, tokenizer, prompts, num_samples=3, max_completion_length=32, progress=False)
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     complete = 0
     for row in result:
@@ -218,7 +218,7 @@ def test_stop_strings_with_the_base_model(gemma):
     assert alone.completion_ids[0] == cut.completion_ids[0] and abs(alone.logprobs[0] - cut.logprobs[0]) < 1e-3
     # sampled Best-of-N with stop strings (from the config, as `SamplingArguments` passes them)
     result = best_of_n(
-        model, tokenizer, [FEW_SHOT.format(a=2, b=5)], num_samples=3, max_new_tokens=12, stop_strings=["\n\n", "Q:"],
+        model, tokenizer, [FEW_SHOT.format(a=2, b=5)], num_samples=3, max_completion_length=12, stop_strings=["\n\n", "Q:"],
         progress=False,
     )  # fmt: skip
     row = result[0]
