@@ -23,7 +23,6 @@ import json
 import os
 import shlex
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,15 +81,22 @@ def settings() -> list[Setting]:
     ]
 
 
+def task_options(setting: Setting, num_prompts: int) -> dict:
+    return {"form": setting.form, "num_train": 40, "num_test": max(num_prompts, 40), **dict(setting.task_options)}
+
+
+def data_command(setting: Setting, num_prompts: int) -> str:
+    flags = " ".join(f"--{k} {v}" for k, v in task_options(setting, num_prompts).items())
+    return f"python -m trl_sharpen.tasks {setting.task} {flags} --output_dir {WORK.relative_to(REPO)}/data/{setting.data_name}"
+
+
 def write_task(setting: Setting, num_prompts: int) -> Path:
     from trl_sharpen.tasks import generate_task
     from trl_sharpen.tasks.common import write_splits
 
     folder = WORK / "data" / setting.data_name
     if not (folder / "test.jsonl").is_file():
-        options = dict(setting.task_options)
-        sizes = {"num_train": 40, "num_test": max(num_prompts, 40)}
-        write_splits(generate_task(setting.task, form=setting.form, **sizes, **options), folder)
+        write_splits(generate_task(setting.task, **task_options(setting, num_prompts)), folder)
     return folder / "test.jsonl"
 
 
@@ -153,7 +159,7 @@ def markdown(results: list[dict], args, total_s: float) -> str:
         "# Does sharpening help a real model? (`python benchmarks/real_model_eval.py`)",
         "",
         f"{args.num_prompts} test prompts per setting, N = {n_max} samples per prompt, seed 0, float32 on CPU "
-        f"(2 shared cores); total wall time {total_s / 60:.1f} min. BoN@n and pass@n for n < N are exact subset "
+        f"(2 shared cores, heavily loaded by other jobs while measured); total wall time {total_s / 60:.1f} min. BoN@n and pass@n for n < N are exact subset "
         "expectations over the N samples. gap = BoN@N - sample accuracy (Song et al. 2025); rel = gap / (1 - sample "
         "accuracy); delta = mean sharpening error 1 - max_i pi(y_i|x) (Huang et al. 2025, Def. 3.1). len = mean "
         "completion length in tokens (greedy / samples / the sample BoN@N by logprob selects).",
@@ -197,7 +203,9 @@ def markdown(results: list[dict], args, total_s: float) -> str:
     lines += [f"- {w}" for w in wins] or ["- none"]
     lines += ["", f"## Where it does not (BoN@{n_max} <= greedy)", ""]
     lines += [f"- {w}" for w in losses] or ["- none"]
-    lines += ["", "## Commands", ""] + [f"    {result['command']}" for result in results]
+    lines += ["", "## Commands", "", "Data (written by the script when missing):", ""]
+    lines += sorted({f"    {data_command(result['setting'], args.num_prompts)}" for result in results})
+    lines += ["", "Evaluations:", ""] + [f"    {result['command']}" for result in results]
     return "\n".join(lines) + "\n"
 
 
@@ -208,15 +216,20 @@ def main():
     parser.add_argument("--only", nargs="*", default=None, help="Run the settings whose name contains one of these.")
     parser.add_argument("--output", default=str(RESULTS / "real_model_eval.md"))
     parser.add_argument("--reuse", action="store_true", help="Keep settings already run with the same command.")
+    parser.add_argument(
+        "--report_only", action="store_true", help="Only tabulate the settings already run (implies --reuse)."
+    )
     args = parser.parse_args()
     chosen = [s for s in settings() if not args.only or any(key in s.name for key in args.only)]
     if not chosen:
         sys.exit(f"No setting matches {args.only}; names: {', '.join(s.name for s in settings())}")
-    start = time.perf_counter()
     results = []
+    args.reuse = args.reuse or args.report_only
     for setting in chosen:
+        if args.report_only and not (WORK / setting.name / "command.txt").is_file():
+            continue
         results.append(run(setting, args))
-        text = markdown(results, args, time.perf_counter() - start)
+        text = markdown(results, args, sum(result["wall_s"] for result in results))
         Path(args.output).write_text(text)  # after every setting: a long run keeps what it finished
     print("\n" + text)
 
