@@ -198,3 +198,64 @@ def test_default_chunking_follows_the_vocabulary(toy_model, samples, monkeypatch
         hook.remove()
     assert max(widths) == 3 and sum(widths) == sum(map(len, completions))
     torch.testing.assert_close(got, naive_logprobs(toy_model, prompts, completions), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model_type, extra",
+    [
+        ("llama", {"tie_word_embeddings": False}),
+        ("gemma2", {"final_logit_softcapping": 5.0, "head_dim": 8}),
+        ("cohere", {"logit_scale": 0.5}),
+    ],
+)
+def test_cpu_lm_head_equals_trls_fused_kernel(model_type, extra, monkeypatch):
+    """DPO's policy forward on CPU (`add_cpu_lm_head`) gives TRL's fused kernel's log-probs, metrics and gradients."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    import trl_sharpen.logprobs as logprobs
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+    add_fused_lm_head(model, outputs=outputs)
+    logprobs.add_cpu_lm_head(model, outputs)
+    # Two pairs' rows as DPO collates them: prompt (labels -100), completion, right padding (-100)
+    input_ids = torch.randint(1, 97, (4, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = attention_mask[3, 6:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :4] = -100
+    labels[2, :7] = -100
+
+    def run(max_bytes):
+        monkeypatch.setattr(logprobs, "CPU_LM_HEAD_MAX_BYTES", max_bytes)  # 0: TRL's fused kernel runs
+        model.zero_grad()
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        out.log_probs.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return out, grads
+
+    ours, our_grads = run(2**30)
+    fused, fused_grads = run(0)
+    torch.testing.assert_close(ours.log_probs, fused.log_probs, atol=1e-5, rtol=1e-5)
+    for name in ("entropy", "mean_logits", "log_sum_sq_probs"):
+        # TRL's CPU fallback scores every position; both give 0 where the label is -100
+        torch.testing.assert_close(getattr(ours, name), getattr(fused, name), atol=1e-5, rtol=1e-5, msg=name)
+    assert torch.equal(ours.is_top1, fused.is_top1)
+    torch.testing.assert_close(ours.loss, fused.loss, atol=1e-5, rtol=1e-5)
+    assert len(our_grads) == len(fused_grads) > 0
+    for ours_grad, fused_grad in zip(our_grads, fused_grads):
+        torch.testing.assert_close(ours_grad, fused_grad, atol=1e-5, rtol=1e-4)
+    # Generation (no `fused_lm_head`) still returns logits
+    assert model(input_ids=input_ids).logits.shape == (4, 12, 97)

@@ -7,6 +7,7 @@ token, a chunk of positions at a time, taking a log-softmax of each chunk in flo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -204,3 +205,111 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: int | 
 def has_eos(completion_ids: torch.Tensor, eos_token_ids: int | Sequence[int]) -> torch.Tensor:
     eos_ids = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids))
     return torch.isin(completion_ids, eos_ids.to(completion_ids.device)).any(dim=1)
+
+
+# ---------------------------------------------------------------------------------------- training LM head on CPU
+# DPOTrainer computes the policy's per-token log-probs with TRL's fused LM head (`add_fused_lm_head`). Where the LM head
+# lives decides which implementation is faster, and this is the one place that chooses:
+# - Any accelerator (CUDA / XPU run it in Triton): TRL's fused kernel, untouched. It never materialises the logits and
+#   is the fast path there. Also under DeepSpeed ZeRO-3, whose partitioned LM head TRL's forward gathers itself (and
+#   every rank must take the same path).
+# - CPU: TRL's kernel falls back to torch ops that score every position (prompt and padding too), recompute every
+#   logits tile in the backward and fold the metrics with vocabulary-wide masks: about twice the cost of plain logits
+#   (benchmarks/dpo_step_speed.py prints both). `_cpu_lm_head_outputs` instead projects only the completion positions,
+#   a chunk at a time, through an ordinary autograd `log_softmax` (no recomputation), and derives the metrics from the
+#   same tile without gradients. Its float32 logits of the completion tokens stay alive until the backward: on CPU
+#   that is RAM, bounded by `CPU_LM_HEAD_MAX_BYTES` (beyond it the fused kernel runs, which keeps nothing).
+CPU_LM_HEAD_MAX_BYTES = 2 * 2**30
+
+
+def uses_cpu_lm_head(device: torch.device, num_tokens: int, vocab_size: int) -> bool:
+    """Whether `add_cpu_lm_head`'s path scores `num_tokens` positions on `device` (else TRL's fused kernel)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return (
+        device.type == "cpu"
+        and 4 * num_tokens * vocab_size <= CPU_LM_HEAD_MAX_BYTES
+        and not is_deepspeed_zero3_enabled()
+    )
+
+
+def _cpu_lm_head_outputs(hidden, head, targets, transform, outputs, chunk_tokens):
+    """Per-token log-probs (with gradients) of `targets` under `transform(head(hidden))`, and the optional metrics of
+    TRL's `FusedCausalLMOutput` (`entropy`, `log_sum_sq_probs`, `mean_logits`, `is_top1`; without gradients)."""
+    pieces = {name: [] for name in ("log_probs", *outputs)}
+    for start in range(0, targets.numel(), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        logits = transform(head(hidden[piece])).float()
+        log_probs = logits.log_softmax(dim=-1)
+        pieces["log_probs"].append(log_probs.gather(-1, targets[piece].unsqueeze(-1)).squeeze(-1))
+        with torch.no_grad():
+            detached = log_probs.detach()
+            if "entropy" in outputs or "log_sum_sq_probs" in outputs:
+                probs = detached.exp()
+            if "entropy" in outputs:
+                pieces["entropy"].append(-(probs * detached).sum(dim=-1))
+            if "log_sum_sq_probs" in outputs:
+                pieces["log_sum_sq_probs"].append(probs.square().sum(dim=-1).log())
+            if "mean_logits" in outputs:
+                pieces["mean_logits"].append(logits.detach().mean(dim=-1))
+            if "is_top1" in outputs:
+                pieces["is_top1"].append(detached.argmax(dim=-1) == targets[piece])
+        del logits
+    return {name: torch.cat(values) for name, values in pieces.items() if values}
+
+
+def add_cpu_lm_head(model: torch.nn.Module, outputs: Sequence[str] = ("log_probs",)) -> None:
+    """Route `model(..., labels=labels, fused_lm_head=True)` through `_cpu_lm_head_outputs` when the LM head is on the
+    CPU (see the comment above `CPU_LM_HEAD_MAX_BYTES`); elsewhere the call goes to the forward TRL's
+    `add_fused_lm_head` installed, unchanged. Call after `add_fused_lm_head(model, outputs=outputs)`, on the same
+    module; returns the same `FusedCausalLMOutput`. Temperature 1 only (DPO's policy forward)."""
+    import types
+
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    fused_forward = model.forward
+    transform = _logit_transform(model.config)
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    outputs = tuple(name for name in outputs if name != "log_probs")
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        head = self.get_output_embeddings()
+        vocab_size = getattr(head, "out_features", None) or text_config.vocab_size
+        if not fused_lm_head or labels is None or shift_labels is not None or kwargs.get("output_router_logits"):
+            use_cpu = False  # generation, context parallelism, MoE auxiliary loss: TRL's forward handles them
+        else:
+            use_cpu = uses_cpu_lm_head(head.weight.device, int((labels[:, 1:] != -100).sum()), vocab_size)
+        if not use_cpu:
+            return fused_forward(
+                *args,
+                fused_lm_head=fused_lm_head,
+                labels=labels,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        shifted = labels[:, 1:].to(head.weight.device)
+        mask = shifted != -100
+        chunk_tokens = max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
+        per_token = _cpu_lm_head_outputs(
+            hidden.to(head.weight.device)[mask], head, shifted[mask], transform, outputs, chunk_tokens
+        )
+        # `masked_scatter` keeps the output connected to the graph even when no label is valid (as TRL's does)
+        per_token = {
+            name: value.new_zeros(mask.shape).masked_scatter(mask, value) for name, value in per_token.items()
+        }
+        log_probs = per_token["log_probs"]
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(
+            loss=loss,
+            log_probs=log_probs,
+            entropy=per_token.get("entropy"),
+            log_sum_sq_probs=per_token.get("log_sum_sq_probs"),
+            mean_logits=per_token.get("mean_logits"),
+            is_top1=per_token.get("is_top1"),
+            label_mask=mask,
+        )
+
+    model.forward = types.MethodType(functools.wraps(type(model).forward)(forward), model)

@@ -33,7 +33,7 @@ from trl.trainer.utils import get_config_model_id, print_prompt_completions_samp
 
 from .data import is_conversational_prompt, tokenize_prompt, validate_prompt_dataset
 from .generation import Completions, eval_mode, generate_completions, sampling_config
-from .logprobs import sequence_logprobs
+from .logprobs import add_cpu_lm_head, sequence_logprobs
 from .monitoring import SharpeningMonitorMixin
 from .pairs import PairSelection, select_pairs
 from .paper import SHARPENING_PAPER
@@ -179,6 +179,12 @@ class SelfRewardDPOTrainer(SharpeningMonitorMixin, DPOTrainer):
         # that change with every TRL release, and a second policy forward doubles the cost of the step. Both lines
         # we rely on are pinned by tests/test_trl_compat.py, so a TRL change fails there by name.
         self.precompute_ref_logps = True
+        # DPO's policy forward on CPU: a chunked log-softmax over the completion tokens instead of TRL's fused kernel,
+        # which without Triton costs about twice as much; on GPUs the fused kernel stays (see `add_cpu_lm_head`).
+        # The outputs are the ones `DPOTrainer.__init__` asks of its fused head.
+        head_outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+        head_outputs += ("log_sum_sq_probs",) if self.use_weighting else ()
+        add_cpu_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model, head_outputs)
         # DPO's loss rejects unknown loss types: it runs the others, `_auxiliary_loss` adds the regression
         weights = list(zip(self.loss_types, self.loss_weights, strict=True))
         self.sharpen_weight = sum(weight for loss_type, weight in weights if loss_type == SHARPEN_LOSS)
