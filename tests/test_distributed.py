@@ -143,7 +143,8 @@ def test_zero3_lora_with_partitioned_generation(tmp_path):
     processes (it crashed on a collective mismatch before), and only the adapter is saved."""
     recipe = next(recipe for recipe in RECIPES if recipe.name == "dpo_sharpen")
     extra = ["--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--sample_from", "base",
-             "--ds3_gather_for_generation", "false", "--save_strategy", "no", "--report_to", "none"]  # fmt: skip
+             "--ds3_gather_for_generation", "false", "--save_strategy", "no", "--report_to", "none",
+             "--eval_strategy", "no", "--load_best_model_at_end", "false"]  # fmt: skip
     result = launch(*recipe_command(recipe, "zero3", tmp_path, *extra))
     assert result.returncode == 0, failure_output(result)
     ranks = rank_lines(result.stdout)
