@@ -1,7 +1,8 @@
 """Training-step time of SelfRewardDPOTrainer against TRL's OnlineDPOTrainer with a log pi_base(y|x) reward callable.
 
-    python benchmarks/dpo_step_speed.py            # about 7 minutes on a 2-core CPU
-    python benchmarks/dpo_step_speed.py --rounds 2 --steps 3   # steadier on a busy machine (about 20 minutes)
+    python benchmarks/dpo_step_speed.py            # about 12 minutes on a 2-core CPU
+    python benchmarks/dpo_step_speed.py --models smollm2 --checkpointing off   # one row
+    python benchmarks/dpo_step_speed.py --rounds 2 --steps 3   # steadier on a busy machine (about 35 minutes)
 
 Both trainers get the same model (loaded from the same path), prompts, per-device batch, 2 samples per prompt,
 sampling settings, completion length and optimiser. Each runs `--warmup + --steps` optimizer steps, alternating
@@ -10,7 +11,8 @@ loss, backward and optimizer step included), as CPU time of the process (robust 
 Torch runs on one thread, so the two agree on a dedicated machine.
 
 - SelfRewardDPOTrainer (`self_reward="logprob"`): one generation, one pi_base pass over the samples whose result is
-  both the self-reward and DPO's reference log-probs, one policy forward and backward (DPO's fused LM head).
+  both the self-reward and DPO's reference log-probs, one policy forward and backward (DPO's loss forward; on CPU
+  its LM head is `trl_sharpen.logprobs.add_cpu_lm_head`'s chunked log-softmax, on GPUs TRL's fused kernel).
 - SelfRewardDPOTrainer with the same callable as OnlineDPOTrainer below as its self-reward: a pi_base pass for the
   reward, another for DPO's reference log-probs of the pairs. The ratio to it isolates what the shared pass saves.
 - OnlineDPOTrainer (`trl.experimental.online_dpo`) with a reward callable that recomputes log pi_base(y|x) the way a
@@ -18,11 +20,13 @@ Torch runs on one thread, so the two agree on a dedicated machine.
   generation, a policy forward with full logits, a reference forward, and the reward's own base forward.
 
 Rows: gradient checkpointing on (both trainers' TRL default; OnlineDPOTrainer then also generates without a KV
-cache, while SelfRewardDPOTrainer switches checkpointing off for generation) and off. Models: a randomly initialised
-Llama with a 32k vocabulary (saved to a temporary directory with a matching word-level tokenizer) and the bundled toy
-model. A last line times the LM-head kernel alone: without Triton (CPU), TRL's fused kernel that DPOTrainer's loss
-forward uses runs as torch ops that cost more than full logits, which bounds what the shared pi_base pass can win on
-CPU. Target: SelfRewardDPOTrainer / OnlineDPOTrainer <= 0.8.
+cache, while SelfRewardDPOTrainer switches checkpointing off for generation) and off. Models (`--models`): a randomly
+initialised Llama with a 32k vocabulary (saved to a temporary directory with a matching word-level tokenizer), the
+bundled toy model, and SmolLM2-135M-Instruct (its converted float32 checkpoint, `trl-sharpen convert
+smollm2-135m-instruct`; the toy prompts as plain text, `--smollm2-batch-size` prompts, `--smollm2-completion-length`
+tokens). A last line times the LM head alone: TRL's fused kernel (without Triton, i.e. on CPU, it runs as torch ops
+that cost more than full logits), full logits, and the CPU path SelfRewardDPOTrainer uses instead.
+Target: SelfRewardDPOTrainer / OnlineDPOTrainer <= 0.8.
 """
 
 from __future__ import annotations
@@ -38,10 +42,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from trl.kernels import ChunkedLogProbFunction
 
-from trl_sharpen import SelfRewardDPOConfig, SelfRewardDPOTrainer
+from trl_sharpen import SelfRewardDPOConfig, SelfRewardDPOTrainer, logprobs
+from trl_sharpen.logprobs import _cpu_lm_head_outputs
+from trl_sharpen.real_models import resolve_model_name_or_path
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
 from random_llama import save_random_llama  # benchmarks/ is on sys.path when a script here runs
+
+
+MODELS = ("random", "toy", "smollm2")
 
 
 class NaiveBaseLogProb:
@@ -87,13 +96,13 @@ class StepTimer(TrainerCallback):
         self.wall.append(time.perf_counter() - self.start[1])
 
 
-def common_args(args, output_dir: str, gradient_checkpointing: bool) -> dict:
+def common_args(args, output_dir: str, gradient_checkpointing: bool, batch_size: int) -> dict:
     return dict(
         output_dir=output_dir,
         use_cpu=True,
         bf16=False,
         gradient_checkpointing=gradient_checkpointing,
-        per_device_train_batch_size=args.batch_size,
+        per_device_train_batch_size=batch_size,
         max_steps=args.warmup + args.steps,
         learning_rate=1e-5,
         temperature=1.0,
@@ -116,7 +125,9 @@ def time_trainer(build, args) -> tuple[float, float]:
     return statistics.median(timer.cpu[args.warmup :]), statistics.median(timer.wall[args.warmup :])
 
 
-def benchmark(name: str, path: str, args, completion_length: int, gradient_checkpointing: bool) -> dict:
+def benchmark(
+    name: str, path: str, args, completion_length: int, gradient_checkpointing: bool, batch_size: int
+) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = load_toy_prompts("train").select_columns(["prompt"])
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
@@ -125,13 +136,15 @@ def benchmark(name: str, path: str, args, completion_length: int, gradient_check
         config = SelfRewardDPOConfig(
             max_completion_length=completion_length,
             self_reward=self_reward,
-            **common_args(args, output_dir, gradient_checkpointing),
+            **common_args(args, output_dir, gradient_checkpointing, batch_size),
         )
         return SelfRewardDPOTrainer(model=path, args=config, train_dataset=prompts, processing_class=tokenizer)
 
     def online_dpo():
         config = OnlineDPOConfig(
-            max_new_tokens=completion_length, max_length=512, **common_args(args, output_dir, gradient_checkpointing)
+            max_new_tokens=completion_length,
+            max_length=512,
+            **common_args(args, output_dir, gradient_checkpointing, batch_size),
         )
         return OnlineDPOTrainer(
             model=path,
@@ -154,7 +167,8 @@ def benchmark(name: str, path: str, args, completion_length: int, gradient_check
             for key, build in builders.items():
                 times[key].append(time_trainer(build, args))
     gc = "on (TRL default)" if gradient_checkpointing else "off"
-    return {"model": name, "params": params, "gc": gc, **{key: min(values) for key, values in times.items()}}
+    best = {key: min(values) for key, values in times.items()}
+    return {"model": name, "params": params, "gc": gc, "batch": batch_size, "length": completion_length, **best}
 
 
 def cell(value: tuple[float, float]) -> str:
@@ -165,8 +179,8 @@ def ratio(a: tuple[float, float], b: tuple[float, float]) -> str:
     return f"{a[0] / b[0]:.2f}x ({a[1] / b[1]:.2f}x)"
 
 
-def lm_head_seconds(tokens: int, hidden_size: int, vocab_size: int, repeats: int = 3) -> tuple[float, float]:
-    """Forward + backward of the LM head and token log-probs: TRL's fused kernel (DPO's loss) vs full logits."""
+def lm_head_seconds(tokens: int, hidden_size: int, vocab_size: int, repeats: int = 3) -> tuple[float, ...]:
+    """Forward + backward of the LM head and token log-probs: TRL's fused kernel, full logits, our CPU path."""
     hidden = torch.randn(tokens, hidden_size, requires_grad=True)
     weight = (torch.randn(vocab_size, hidden_size) * 0.02).requires_grad_()
     targets = torch.randint(0, vocab_size, (tokens,))
@@ -178,8 +192,14 @@ def lm_head_seconds(tokens: int, hidden_size: int, vocab_size: int, repeats: int
     def full_logits():
         (hidden @ weight.t()).log_softmax(-1).gather(-1, targets[:, None]).sum().backward()
 
+    def cpu_path():
+        head = torch.nn.Linear(hidden_size, vocab_size, bias=False)
+        head.weight = torch.nn.Parameter(weight.detach(), requires_grad=True)
+        chunk = max(1, 128 * 2**20 // (4 * vocab_size))
+        _cpu_lm_head_outputs(hidden, head, targets, lambda x: x, outputs[1:], chunk)["log_probs"].sum().backward()
+
     result = []
-    for fn in (fused, full_logits):
+    for fn in (fused, full_logits, cpu_path):
         fn()
         start = time.process_time()
         for _ in range(repeats):
@@ -199,45 +219,68 @@ def main():
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings on a shared CPU)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="rows to run (default: all)")
+    parser.add_argument(
+        "--checkpointing", nargs="+", choices=("on", "off"), default=["on", "off"], help="gradient checkpointing"
+    )
+    parser.add_argument("--smollm2-batch-size", type=int, default=4, help="prompts per step for SmolLM2")
+    parser.add_argument("--smollm2-completion-length", type=int, default=24, help="max completion length (SmolLM2)")
+    parser.add_argument(
+        "--lm-head",
+        choices=("auto", "fused"),
+        default="auto",
+        help="SelfRewardDPOTrainer's LM head: auto (the CPU path on CPU) or fused (TRL's kernel everywhere, as before)",
+    )
     args = parser.parse_args()
+    if args.lm_head == "fused":
+        logprobs.CPU_LM_HEAD_MAX_BYTES = 0  # `uses_cpu_lm_head` is then never true
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     rows = []
-    with tempfile.TemporaryDirectory() as model_dir:
-        path = save_random_llama(
-            model_dir, args.vocab_size, args.hidden_size, args.layers, max_position_embeddings=512
-        )
-        label = f"random Llama {args.layers}x{args.hidden_size}, {args.vocab_size // 1000}k vocab"
-        for checkpointing in (True, False):
-            rows.append(benchmark(label, path, args, args.completion_length, checkpointing))
-    for checkpointing in (True, False):
-        rows.append(benchmark("bundled toy model", TOY_MODEL_PATH, args, 40, checkpointing))
+    modes = [mode == "on" for mode in ("on", "off") if mode in args.checkpointing]
+    if "random" in args.models:
+        with tempfile.TemporaryDirectory() as model_dir:
+            path = save_random_llama(
+                model_dir, args.vocab_size, args.hidden_size, args.layers, max_position_embeddings=512
+            )
+            label = f"random Llama {args.layers}x{args.hidden_size}, {args.vocab_size // 1000}k vocab"
+            for checkpointing in modes:
+                rows.append(benchmark(label, path, args, args.completion_length, checkpointing, args.batch_size))
+    if "toy" in args.models:
+        for checkpointing in modes:
+            rows.append(benchmark("bundled toy model", TOY_MODEL_PATH, args, 40, checkpointing, args.batch_size))
+    if "smollm2" in args.models:
+        path = resolve_model_name_or_path("smollm2-135m-instruct")  # converted once, cached
+        for checkpointing in modes:
+            length, batch = args.smollm2_completion_length, args.smollm2_batch_size
+            rows.append(benchmark("SmolLM2-135M-Instruct, 49k vocab", path, args, length, checkpointing, batch))
 
     print(
         f"\nCPU seconds per training step (wall seconds in brackets): median of {args.steps} steps after "
-        f"{args.warmup} warm-up, best of {args.rounds} alternating round(s); {args.batch_size} prompts x 2 samples; "
-        f"{torch.get_num_threads()} torch thread(s), float32. CPU time is what this process computed, so other jobs "
+        f"{args.warmup} warm-up, best of {args.rounds} alternating round(s); 2 samples per prompt; "
+        f"{torch.get_num_threads()} torch thread(s), float32; SelfRewardDPOTrainer's LM head: {args.lm_head}. CPU time is what this process computed, so other jobs "
         "on a shared machine barely change it; wall time is what a dedicated machine with this thread count shows.\n"
     )
     print(
-        "| model | params | gradient checkpointing | SelfRewardDPOTrainer | SelfRewardDPOTrainer + callable "
-        "| OnlineDPOTrainer + callable | ratio vs OnlineDPO | ratio vs + callable |"
+        "| model | params | prompts x max tokens | gradient checkpointing | SelfRewardDPOTrainer "
+        "| SelfRewardDPOTrainer + callable | OnlineDPOTrainer + callable | ratio vs OnlineDPO | ratio vs + callable |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| {row['model']} | {row['params'] / 1e6:.2f}M | {row['gc']} | {cell(row['ours'])} "
+            f"| {row['model']} | {row['params'] / 1e6:.2f}M | {row['batch']} x {row['length']} | {row['gc']} "
+            f"| {cell(row['ours'])} "
             f"| {cell(row['ours_callable'])} | {cell(row['online_dpo'])} | {ratio(row['ours'], row['online_dpo'])} "
             f"| {ratio(row['ours'], row['ours_callable'])} |"
         )
     tokens = 2 * args.batch_size * (args.completion_length + 10)
-    fused, full = lm_head_seconds(tokens, args.hidden_size, args.vocab_size)
+    fused, full, ours = lm_head_seconds(tokens, args.hidden_size, args.vocab_size)
     print(
         f"\nLM head + log-probs, forward and backward, {tokens} tokens x {args.vocab_size} vocab, CPU seconds: TRL's "
-        f"fused kernel (DPOTrainer's loss forward; torch fallback without Triton) {fused:.3f} s, full logits "
-        f"{full:.3f} s."
+        f"fused kernel (torch fallback without Triton) {fused:.3f} s, full logits {full:.3f} s, "
+        f"SelfRewardDPOTrainer's CPU path (chunked log-softmax with DPO's metrics) {ours:.3f} s."
     )
 
 
