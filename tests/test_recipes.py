@@ -45,3 +45,22 @@ def test_every_recipe_help_exits_0():
         stdout, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, f"{name} --help: {stderr[-2000:]}"
         assert "--output_dir" in stdout and "--use_peft" in stdout, name
+
+
+def test_greedy_report_reads_answers_with_the_runs_answer_extractor():
+    """The recipes' before/after report checks greedy outputs with the run's `answer_extractor`: with the default
+    (last number) every ProntoQA output ("True."/"False.") would count as wrong."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset, DatasetDict
+
+    from trl_sharpen.script_utils import SharpenScriptArguments, add_greedy_report
+
+    test = Dataset.from_dict({"prompt": ["Is Max a wumpus? True or false?"], "answer": ["True"]})
+    callbacks = []
+    for extractor in (None, "trl_sharpen.tasks.prontoqa:extract_answer"):
+        trainer = SimpleNamespace(args=SimpleNamespace(answer_extractor=extractor), add_callback=callbacks.append)
+        add_greedy_report(trainer, DatasetDict(test=test), SharpenScriptArguments(dataset_test_split="test"))
+    default, prontoqa = (callback.checker for callback in callbacks)
+    assert not default("True.", "True")
+    assert prontoqa("True.", "True") and not prontoqa("False.", "True")

@@ -5,6 +5,7 @@ tokenizer -> data -> trainer -> report callback -> train -> save, with the steps
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from datasets import DatasetDict, load_dataset
 from transformers import AutoTokenizer
 from trl import ScriptArguments
 
+from .answers import answers_match, get_answer_extractor
 from .callbacks import GreedyReportCallback
 from .data import as_prompt_dataset, check_dataset_path, ensure_pad_token, is_saved_dataset
 from .distributed import print_rank_summary
@@ -107,9 +109,17 @@ def add_greedy_report(trainer, dataset: DatasetDict, script_args: SharpenScriptA
     if column is None or split not in dataset or column not in dataset[split].column_names:
         return
     test = dataset[split].select(range(min(len(dataset[split]), script_args.num_eval_prompts)))
+    # The run's answer extractor reads the greedy outputs too: with the default (last number) a True/False task such
+    # as ProntoQA would score every greedy output as wrong
+    extractor = get_answer_extractor(getattr(trainer.args, "answer_extractor", None))
     trainer.add_callback(
         GreedyReportCallback(
-            trainer, test, answer_column=column, max_new_tokens=script_args.eval_max_completion_length, name=split
+            trainer,
+            test,
+            answer_column=column,
+            max_new_tokens=script_args.eval_max_completion_length,
+            checker=functools.partial(answers_match, extractor=extractor),
+            name=split,
         )
     )
 
