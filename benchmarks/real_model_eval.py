@@ -161,7 +161,7 @@ def markdown(results: list[dict], args, total_s: float) -> str:
         f"{args.num_prompts} test prompts per setting, N = {n_max} samples per prompt, seed 0, float32 on CPU "
         f"(2 shared cores, heavily loaded by other jobs while measured); total wall time {total_s / 60:.1f} min. BoN@n and pass@n for n < N are exact subset "
         "expectations over the N samples. gap = BoN@N - sample accuracy (Song et al. 2025); rel = gap / (1 - sample "
-        "accuracy); delta = mean sharpening error 1 - max_i pi(y_i|x) (Huang et al. 2025, Def. 3.1). len = mean "
+        "accuracy); delta = mean sharpening error 1 - pi(y*|x), y* the complete sample or greedy output pi_base rates highest (Huang et al. 2025, Def. 3.1). len = mean "
         "completion length in tokens (greedy / samples / the sample BoN@N by logprob selects).",
         "",
         "| setting | T | greedy | sample | "
