@@ -277,8 +277,12 @@ def test_collapse_alarm(caplog, tmp_path):
         for step, metrics in enumerate([base, sharpened], 1):
             state.global_step = step
             alarm.on_evaluate(args, state, None, metrics=metrics)
-        assert not caplog.records
+        # Healthy sharpening can cost J_beta more than half its magnitude: the toy DPO recipe went -2.38 -> -3.89
+        # (accuracy 0.095 -> 1.0) as answers grew long; no alarm for the same relative fall here
         state.global_step = 3
+        alarm.on_evaluate(args, state, None, metrics={"eval_objective": -4.62 * 3.89 / 2.38})
+        assert not caplog.records
+        state.global_step = 4
         alarm.on_evaluate(args, state, None, metrics={"eval_objective": -28.3, "eval_distinct_answers": 0.12,
                                                       "eval_mean_length": 1.5})  # fmt: skip
     assert len(caplog.records) == 3
