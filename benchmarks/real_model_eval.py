@@ -35,7 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 WORK = REPO / "outputs" / "real_model_eval"
 SELF_REWARDS = ("logprob", "normalized_logprob", "majority")
-STOP_STRINGS = ("\n\n", "\nQ:")
 
 
 @dataclass(frozen=True)
@@ -126,6 +125,8 @@ def eval_argv(setting: Setting, data: Path, output_dir: Path, args) -> list[str]
         "--output_dir", str(output_dir),
     ]  # fmt: skip
     if setting.form == "few_shot":
+        from trl_sharpen.tasks import STOP_STRINGS  # the tasks' few-shot format defines where a completion ends
+
         argv += ["--stop_strings", *STOP_STRINGS]
     return argv
 

@@ -114,16 +114,8 @@ def test_peft_model_with_adapter_disabled_scores_as_the_base(toy_model, samples)
     torch.testing.assert_close(disabled, base, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "model_type, extra",
-    [
-        ("llama", {"tie_word_embeddings": False}),
-        ("qwen2", {}),
-        ("gemma2", {"final_logit_softcapping": 5.0, "head_dim": 8}),  # logits soft-capped inside forward
-        ("cohere", {"logit_scale": 0.5}),  # logits scaled inside forward
-    ],
-)
-def test_architectures_match_their_own_forward(model_type, extra):
+def tiny_model(model_type: str, **extra):
+    """A 2-layer, 32-wide model of `model_type` with a 97-token vocabulary, seeded weights."""
     config = AutoConfig.for_model(
         model_type,
         vocab_size=97,
@@ -136,7 +128,20 @@ def test_architectures_match_their_own_forward(model_type, extra):
         **extra,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize(
+    "model_type, extra",
+    [
+        ("llama", {"tie_word_embeddings": False}),
+        ("qwen2", {}),
+        ("gemma2", {"final_logit_softcapping": 5.0, "head_dim": 8}),  # logits soft-capped inside forward
+        ("cohere", {"logit_scale": 0.5}),  # logits scaled inside forward
+    ],
+)
+def test_architectures_match_their_own_forward(model_type, extra):
+    model = tiny_model(model_type, **extra).eval()
     prompts = [[1, 5, 9, 4], [7, 3]]
     completions = [[10, 11, 12], [40, 41, 42, 43, 44]]
     torch.testing.assert_close(
@@ -214,19 +219,7 @@ def test_cpu_lm_head_equals_trls_fused_kernel(model_type, extra, monkeypatch):
 
     import trl_sharpen.logprobs as logprobs
 
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **extra,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_model(model_type, **extra)
     outputs = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
     add_fused_lm_head(model, outputs=outputs)
     logprobs.add_cpu_lm_head(model, outputs)

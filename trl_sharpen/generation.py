@@ -237,9 +237,9 @@ def generate_completions(
     """
     eos_ids = generation_config.eos_token_id
     pad_id = generation_config.pad_token_id
-    stop_strings = list(stop_strings or getattr(generation_config, "stop_strings", None) or [])
-    if isinstance(getattr(generation_config, "stop_strings", None), str):
-        stop_strings = [generation_config.stop_strings]
+    if stop_strings is None:
+        stop_strings = getattr(generation_config, "stop_strings", None)
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
     if stop_strings:
         if tokenizer is None:
             raise ValueError("Stop strings need the tokenizer to read the completions: pass tokenizer=... as well.")

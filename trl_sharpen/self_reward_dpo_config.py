@@ -10,7 +10,7 @@ from trl import DPOConfig
 from .errors import check_output_dir, check_resume_from_checkpoint
 from .monitoring import MonitoringArguments
 from .pairs import TIE_HANDLING
-from .sampling_arguments import GenerationArguments, field_like
+from .sampling_arguments import GenerationArguments, SamplingArguments, field_like
 
 
 SHARPEN_LOSS = "sharpen"
@@ -140,10 +140,7 @@ class SelfRewardDPOConfig(MonitoringArguments, DPOConfig, GenerationArguments):
             "path, or (from Python) a callable following TRL's reward-function protocol."
         },
     )
-    answer_extractor: str | None = field(
-        default=None,
-        metadata={"help": "For the `majority` self-reward: 'package.module:function' extracting the final answer."},
-    )
+    answer_extractor: str | None = field_like(SamplingArguments, "answer_extractor", default=None)
     missing_eos_penalty: float | None = field(
         default=None,
         metadata={
