@@ -187,6 +187,48 @@ def test_generation_time_logprobs_equal_rescored_logprobs(toy_model, toy_tokeniz
     torch.testing.assert_close(torch.tensor(samples.logprobs), rescored, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_shared_prompt_prefill_samples_what_generate_samples(toy_model, toy_tokenizer, with_lora):
+    """Each distinct prompt's prefill runs once per batch and its KV cache is repeated for its samples: the seeded
+    samples and their log-probabilities are those of `generate`'s own per-row prefill, including batches that cut
+    through one prompt's samples (batch_size 5, 3 samples) and prompts of different lengths (left padding)."""
+    if with_lora:
+        toy_model = get_peft_model(
+            toy_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
+    prompts = [
+        toy_tokenizer(text)["input_ids"] for text in ["Q : 3 + 5 = ?", "Q : 1 + 2 + 3 + 4 + 5 = ?", "Q : 7 = ?"]
+    ]
+    config = build_generation_config(
+        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=10,
+        pad_token_id=toy_tokenizer.pad_token_id, eos_token_id=toy_tokenizer.eos_token_id,
+    )  # fmt: skip
+    prefill_rows = []  # (rows, width) of each forward that sees more than one token: the prompts' prefills
+    backbone = toy_model.get_base_model().model if with_lora else toy_model.model
+    hook = backbone.register_forward_hook(
+        lambda m, a, kw, o: prefill_rows.append(tuple(kw["input_ids"].shape)) if kw["input_ids"].size(1) > 1 else None,
+        with_kwargs=True,
+    )
+    runs = {}
+    try:
+        for share in (False, True):
+            torch.manual_seed(0)
+            runs[share] = generate_completions(
+                toy_model, prompts, config, num_samples=3, batch_size=5, share_prompt_prefill=share
+            )
+    finally:
+        hook.remove()
+    assert runs[True].completion_ids == runs[False].completion_ids
+    assert runs[True].truncated == runs[False].truncated
+    torch.testing.assert_close(
+        torch.tensor(runs[True].logprobs), torch.tensor(runs[False].logprobs), atol=1e-4, rtol=0
+    )
+    width = max(map(len, prompts))
+    # generate's own prefill: every row of the batches (rows of prompts 0,0,0,1,1 then 1,2,2,2); shared: the distinct
+    # prompts of each batch (0 and 1, then 1 and 2) over all but the last prompt token
+    assert prefill_rows == [(5, width), (4, width), (2, width - 1), (2, width - 1)]
+
+
 def test_default_chunking_follows_the_vocabulary(toy_model, samples, monkeypatch):
     """The default chunk holds LOGITS_CHUNK_BYTES of float32 logits whatever the vocabulary (128 positions at
     Gemma's 262k): forcing 3 positions per chunk gives the same values and projects 3 positions at a time."""

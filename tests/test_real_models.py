@@ -238,6 +238,22 @@ def test_stop_strings_with_the_base_model(gemma):
 
 
 @real_model
+def test_shared_prompt_prefill_on_gemma_samples_what_generate_samples(gemma):
+    """Gemma-3 mixes sliding-window and global attention layers and its prompts here are left-padded with <pad>:
+    prefilling each few-shot prompt once and repeating its cache gives the seeded samples of `generate`'s own
+    per-row prefill."""
+    model, tokenizer = gemma
+    prompt_ids = [tokenizer(FEW_SHOT.format(a=a, b=b))["input_ids"] for a, b in [(3, 4), (12, 30)]]
+    config = sampling_config(model, tokenizer, max_new_tokens=6)
+    runs = []
+    for share in (False, True):
+        torch.manual_seed(0)
+        runs.append(generate_completions(model, prompt_ids, config, num_samples=3, share_prompt_prefill=share))
+    assert runs[1].completion_ids == runs[0].completion_ids
+    torch.testing.assert_close(torch.tensor(runs[1].logprobs), torch.tensor(runs[0].logprobs), atol=2e-3, rtol=0)
+
+
+@real_model
 def test_recipe_loader_accepts_a_short_name(smollm2_path):
     from trl import ModelConfig
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .logprobs import completion_mask_from_eos, has_eos, pad_rows, sequence_logprobs, unwrap_causal_lm
 
@@ -209,6 +211,54 @@ def seeded(model: torch.nn.Module, seed: int):
         yield
 
 
+def _can_share_prompt_prefill(model, generation_config: GenerationConfig, synced_gpus: bool | None) -> bool:
+    """Whether `_prefilled_cache` may be used: a transformers model that generates with a `DynamicCache`, no other
+    cache implementation asked for, and no ZeRO-3 step-synchronised generation (whose ranks must run the same number
+    of forwards; an extra prefill per batch could differ between ranks)."""
+    if synced_gpus or generation_config.cache_implementation is not None or generation_config.use_cache is False:
+        return False
+    if synced_gpus is None and is_deepspeed_zero3_enabled():
+        return False
+    causal_lm = unwrap_causal_lm(model)
+    supports = getattr(causal_lm, "_supports_default_dynamic_cache", None)
+    return callable(supports) and supports() and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
+
+
+def _cache_argument(model) -> str:
+    """The name `forward` and `generate` take a KV cache by: `cache` since transformers 5.2x, `past_key_values`
+    before (still accepted, with a FutureWarning)."""
+    return "cache" if "cache" in inspect.signature(unwrap_causal_lm(model).forward).parameters else "past_key_values"
+
+
+def _prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_rows: Sequence[int]):
+    """The KV cache of every prompt but its last token, computed once per distinct prompt and repeated for its
+    samples.
+
+    `generate(num_return_sequences=N)` (or N copies of a prompt) runs the prompt's prefill N times; with few-shot
+    prompts on a CPU that prefill is most of the sampling time. Given a cache that covers all but the last prompt
+    token, `generate` only runs that token and then decodes, exactly as it would after its own prefill (the same
+    positions: left padding counts as in `generate`). Returns None when the batch has no repeated prompt.
+    """
+    distinct = list(dict.fromkeys(batch_rows))
+    if len(distinct) == len(batch_rows) or input_ids.size(1) < 2:
+        return None
+    first = [batch_rows.index(i) for i in distinct]
+    ids, mask = input_ids[first, :-1], attention_mask[first, :-1]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=unwrap_causal_lm(model).config)
+    # `logits_to_keep=1`: the prefill's logits are not needed (at a 262k vocabulary they would be the largest tensor)
+    model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+        **{_cache_argument(model): cache},
+    )
+    cache.batch_select_indices(torch.tensor([distinct.index(i) for i in batch_rows], device=ids.device))
+    return cache
+
+
 @torch.no_grad()
 def generate_completions(
     model: torch.nn.Module,
@@ -221,6 +271,7 @@ def generate_completions(
     progress=None,
     tokenizer=None,
     stop_strings: Sequence[str] | None = None,
+    share_prompt_prefill: bool = True,
 ) -> Completions:
     """Generate `num_samples` completions for each prompt, `batch_size` sequences per `generate` call.
 
@@ -233,6 +284,9 @@ def generate_completions(
             (see the module docstring); such a completion is not truncated.
         record_logprobs: record log pi(y|x) of each completion under `model` from the generation step itself.
         synced_gpus: forwarded to `generate`; pass False when ZeRO-3 parameters are already gathered.
+        share_prompt_prefill: run each distinct prompt's prefill once per batch and repeat its KV cache for the
+            prompt's samples (see `_prefilled_cache`), where the model supports it. False: `generate`'s own prefill
+            of every row (the benchmarks' baseline).
         progress: optional tqdm bar, advanced by the number of completions produced.
     """
     eos_ids = generation_config.eos_token_id
@@ -248,10 +302,16 @@ def generate_completions(
         generation_config.stop_strings = None
     rows = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]
     device = next(unwrap_causal_lm(model).parameters()).device
+    share_prompt_prefill = (
+        share_prompt_prefill and num_samples > 1 and _can_share_prompt_prefill(model, generation_config, synced_gpus)
+    )
     out = Completions(prompt_index=rows, completion_ids=[], logprobs=[] if record_logprobs else None, truncated=[])
     for start in range(0, len(rows), batch_size):
         batch_rows = rows[start : start + batch_size]
         input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch_rows], pad_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        # Before the recorder's hook is registered: the prefill's logits are not a sampling step
+        cache = _prefilled_cache(model, input_ids, attention_mask, batch_rows) if share_prompt_prefill else None
         recorder = _SampledTokenLogprobRecorder()
         stops = (
             StopStringCriteria(tokenizer, stop_strings, input_ids.size(1), eos_ids, len(batch_rows))
@@ -261,11 +321,12 @@ def generate_completions(
         handle = unwrap_causal_lm(model).register_forward_hook(recorder, with_kwargs=True) if record_logprobs else None
         try:
             sequences = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 generation_config=generation_config,
                 stopping_criteria=StoppingCriteriaList([stops] if stops else []),
                 synced_gpus=synced_gpus,
+                **({_cache_argument(model): cache} if cache is not None else {}),
             )
         finally:
             if handle is not None:
