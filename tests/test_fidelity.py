@@ -14,12 +14,13 @@ import pytest
 import torch
 from datasets import Dataset, load_from_disk
 
-from trl_sharpen import best_of_n
+from trl_sharpen import BoNSFTConfig, best_of_n
+from trl_sharpen.cli import main as cli_main
 from trl_sharpen.best_of_n_sampling import adaptive_stopping_index, select_best
 from trl_sharpen.data import load_prompts, validate_prompt_dataset
 from trl_sharpen.evaluation import evaluate_sharpening
 from trl_sharpen.report import GreedyEvaluation, SampleSet, SharpeningReport
-from trl_sharpen.self_rewards import get_self_reward
+from trl_sharpen.self_rewards import MajorityReward, get_self_reward
 from trl_sharpen.toy import load_toy_prompts
 
 
@@ -70,9 +71,20 @@ def test_adaptive_sampling_keeps_sampling_prompts_whose_samples_are_all_cut(toy_
 # 7. Majority: at least 3 samples, and a warning when most samples have no answer ------------------------------------
 
 
-def test_majority_with_fewer_than_three_samples_is_refused(toy_model, toy_tokenizer):
+def test_majority_with_fewer_than_three_samples_is_refused(toy_model, toy_tokenizer, tmp_path, capsys):
     with pytest.raises(ValueError, match="majority.*at least 3 samples"):
         best_of_n(toy_model, toy_tokenizer, ["Q : 1 + 1 = ?"], num_samples=2, self_reward="majority", **FAST)
+    # A reward object too (the settings only see names)
+    with pytest.raises(ValueError, match="majority.*at least 3 samples"):
+        best_of_n(toy_model, toy_tokenizer, ["Q : 1 + 1 = ?"], num_samples=2, self_reward=MajorityReward(), **FAST)
+    # In the configs, before any model is loaded
+    with pytest.raises(ValueError, match="majority.*at least 3 samples"):
+        BoNSFTConfig(output_dir=str(tmp_path), self_reward="majority", num_samples=2)
+    # The CLI refuses it in one line before loading the model (a model path that does not exist is not reached)
+    argv = ["bon", "--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", str(tmp_path / "no.jsonl")]
+    with pytest.raises(SystemExit):
+        cli_main([*argv, "--self_reward", "majority", "--num_samples", "2", "--output_dir", str(tmp_path / "out")])
+    assert "at least 3 samples per prompt" in capsys.readouterr().err
 
 
 def test_majority_warns_when_most_samples_have_no_answer(caplog):

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from .data import ensure_pad_token, is_saved_dataset, model_max_length, tokenize_prompts, validate_prompt_dataset
 from .fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
 from .generation import Completions, eval_mode, generate_completions, sampling_config, seeded
-from .sampling_arguments import BestOfNSamplingArguments, sampling_arguments
+from .sampling_arguments import BestOfNSamplingArguments, check_majority_samples, sampling_arguments
 from .self_rewards import MajorityReward, SelfReward, get_self_reward
 
 
@@ -302,12 +302,8 @@ def best_of_n(
     reward = get_self_reward(
         sampling.self_reward, answer_extractor=sampling.answer_extractor, model=model, tokenizer=tokenizer
     )
-    if isinstance(reward, MajorityReward) and num_samples < MajorityReward.min_samples:
-        raise ValueError(
-            f"self_reward='majority' needs at least {MajorityReward.min_samples} samples per prompt, got "
-            f"num_samples={num_samples}: with 2 samples the votes always tie (one answer: 1 and 1; two answers: 1/2 "
-            "and 1/2), so Best-of-N would keep sample 0. Raise num_samples, or use self_reward='logprob'."
-        )
+    if isinstance(reward, MajorityReward):
+        check_majority_samples(num_samples)
     generation_config = sampling_config(model, tokenizer, **sampling.sampling_config_kwargs())
     prompt_ids = tokenize_prompts(
         tokenizer, prompts[prompt_column], max_new_tokens=max_new_tokens, max_length=model_max_length(model)

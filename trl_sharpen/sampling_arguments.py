@@ -184,6 +184,20 @@ class SamplingArguments(GenerationArguments):
             raise ValueError(f"seed must be an integer, got {self.seed!r}. Use a whole number, e.g. 0.")
 
 
+# Fewer samples always tie under a majority vote: 2 samples are either the same answer (1, 1) or two answers (1/2, 1/2)
+MAJORITY_MIN_SAMPLES = 3
+
+
+def check_majority_samples(num_samples: int) -> None:
+    """Refuse Best-of-N by the `majority` self-reward with fewer than `MAJORITY_MIN_SAMPLES` samples per prompt."""
+    if num_samples < MAJORITY_MIN_SAMPLES:
+        raise ValueError(
+            f"self_reward='majority' needs at least {MAJORITY_MIN_SAMPLES} samples per prompt, got "
+            f"num_samples={num_samples}: with 2 samples the votes always tie (one answer: 1 and 1; two answers: 1/2 "
+            "and 1/2), so Best-of-N would keep sample 0. Raise num_samples, or use self_reward='logprob'."
+        )
+
+
 @dataclass(kw_only=True)
 class BestOfNSamplingArguments(SamplingArguments):
     """Best-of-N: rank the N samples by a self-reward and keep the best, resumably, shard by shard."""
@@ -253,6 +267,8 @@ class BestOfNSamplingArguments(SamplingArguments):
                 f"self_reward must be a name (logprob, normalized_logprob, majority), a 'package.module:function' "
                 f"path or a callable, got {self.self_reward!r}."
             )
+        if self.self_reward == "majority":  # here, before any model is loaded (best_of_n checks reward objects too)
+            check_majority_samples(self.num_samples)
 
     def fingerprint(self, self_reward_name: str) -> dict[str, Any]:
         """The settings a resumed run must share with the shards on disk (written to `bon_run.json`). The keys keep

@@ -36,6 +36,7 @@ from accelerate.utils import is_peft_model
 from .answers import AnswerExtractor, get_answer_extractor, load_callable
 from .data import prompt_key, tokenize_prompt
 from .logprobs import sequence_logprobs
+from .sampling_arguments import MAJORITY_MIN_SAMPLES
 
 
 logger = logging.getLogger(__name__)
@@ -147,8 +148,7 @@ class MajorityReward(SelfReward):
     `best_of_n` refuses fewer than `min_samples`.
     """
 
-    # Fewer samples always tie: 2 samples are either the same answer (1, 1) or two answers (1/2, 1/2)
-    min_samples = 3
+    min_samples = MAJORITY_MIN_SAMPLES
 
     def __init__(self, answer_extractor: str | AnswerExtractor | None = None, **kwargs):
         super().__init__(**kwargs)
