@@ -69,6 +69,44 @@ def test_padding_side_does_not_change_the_result(toy_model, samples, prompt_side
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("micro_batch_size", [16, 2])
+def test_repeated_prompts_are_scored_from_one_prompt_pass(toy_model, samples, micro_batch_size):
+    """N samples of a prompt: the prompt runs through the model once and each completion is scored from its KV cache
+    (including a one-token and an empty completion, left-padded prompts padded with a real token id, and groups split
+    across micro-batches); the values are the naive ones."""
+    prompts, completions = samples
+    rows = [0, 1, 0, 2, 1, 0, 3, 0]  # prompt 0 four times, prompt 1 twice
+    row_prompts, row_completions = [prompts[i] for i in rows], [completions[(i + j) % 4] for j, i in enumerate(rows)]
+    row_completions[5] = []
+    expected = naive_logprobs(toy_model, row_prompts, row_completions)
+    prompt_ids, prompt_mask = pad(row_prompts, "left", value=5)
+    completion_ids, completion_mask = pad([c or [5] for c in row_completions], "right", value=5)
+    completion_mask[5] = 0
+    shapes = {True: [], False: []}  # (rows, tokens) of each backbone forward
+
+    def score(share):
+        hook = toy_model.model.register_forward_hook(
+            lambda m, a, kw, o: shapes[share].append(tuple(kw["input_ids"].shape)), with_kwargs=True
+        )
+        try:
+            return sequence_logprobs(
+                toy_model, prompt_ids, completion_ids, prompt_mask, completion_mask,
+                micro_batch_size=micro_batch_size, share_prompts=share,
+            )  # fmt: skip
+        finally:
+            hook.remove()
+
+    got, unshared = score(True), score(False)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unshared, expected, atol=1e-5, rtol=1e-5)
+    tokens = {share: sum(r * w for r, w in forwards) for share, forwards in shapes.items()}
+    assert tokens[True] < 0.75 * tokens[False], shapes
+    if micro_batch_size == 16:  # one forward of the 4 distinct prompts, then one of the 8 completions
+        assert shapes[True] == [(4, max(map(len, prompts))), (8, max(map(len, completions)) - 1)]
+    empty = sequence_logprobs(toy_model, [prompts[0]] * 2, [[], []], micro_batch_size=micro_batch_size)
+    assert empty.tolist() == [0.0, 0.0]
+
+
 def test_batch_split_invariance(toy_model, samples):
     prompts, completions = samples
     whole = sequence_logprobs(toy_model, prompts, completions, micro_batch_size=64, logits_chunk_tokens=4096)

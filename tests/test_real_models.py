@@ -142,8 +142,17 @@ def test_sequence_logprobs_equal_a_naive_full_logits_pass(which, request):
     ]
     assert len(prompts[0]) > 250
     prompt_ids, prompt_mask = left_padded(prompts, tokenizer.pad_token_id)
+    expected = naive_logprobs(model, prompts, completions)
     got = sequence_logprobs(model, prompt_ids, completions, prompt_mask=prompt_mask, micro_batch_size=2)
-    torch.testing.assert_close(got, naive_logprobs(model, prompts, completions), atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-4)
+    # Two samples each of the long and a short prompt: each prompt runs once and its KV cache scores both completions
+    # (Gemma's sliding-window layers included)
+    rows = [0, 1, 0, 1, 2]
+    repeated = [completions[0], completions[1], completions[2], completions[0], completions[2]]
+    prompt_ids, prompt_mask = left_padded([prompts[i] for i in rows], tokenizer.pad_token_id)
+    shared = sequence_logprobs(model, prompt_ids, repeated, prompt_mask=prompt_mask, micro_batch_size=4)
+    expected = naive_logprobs(model, [prompts[i] for i in rows], repeated)
+    torch.testing.assert_close(shared, expected, atol=2e-3, rtol=1e-4)
 
 
 @real_model

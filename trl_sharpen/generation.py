@@ -23,9 +23,16 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.integrations import is_deepspeed_zero3_enabled
 
-from .logprobs import completion_mask_from_eos, has_eos, pad_rows, sequence_logprobs, unwrap_causal_lm
+from .logprobs import (
+    cache_argument,
+    completion_mask_from_eos,
+    has_eos,
+    pad_rows,
+    sequence_logprobs,
+    supports_kv_cache_reuse,
+    unwrap_causal_lm,
+)
 
 
 @dataclass
@@ -212,22 +219,12 @@ def seeded(model: torch.nn.Module, seed: int):
 
 
 def _can_share_prompt_prefill(model, generation_config: GenerationConfig, synced_gpus: bool | None) -> bool:
-    """Whether `_prefilled_cache` may be used: a transformers model that generates with a `DynamicCache`, no other
-    cache implementation asked for, and no ZeRO-3 step-synchronised generation (whose ranks must run the same number
-    of forwards; an extra prefill per batch could differ between ranks)."""
+    """Whether `_prefilled_cache` may be used: a model whose KV cache can be reused (`supports_kv_cache_reuse`), no
+    other cache implementation asked for, and no step-synchronised generation across processes."""
     if synced_gpus or generation_config.cache_implementation is not None or generation_config.use_cache is False:
         return False
-    if synced_gpus is None and is_deepspeed_zero3_enabled():
-        return False
     causal_lm = unwrap_causal_lm(model)
-    supports = getattr(causal_lm, "_supports_default_dynamic_cache", None)
-    return callable(supports) and supports() and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
-
-
-def _cache_argument(model) -> str:
-    """The name `forward` and `generate` take a KV cache by: `cache` since transformers 5.2x, `past_key_values`
-    before (still accepted, with a FutureWarning)."""
-    return "cache" if "cache" in inspect.signature(unwrap_causal_lm(model).forward).parameters else "past_key_values"
+    return supports_kv_cache_reuse(causal_lm) and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
 
 
 def _prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_rows: Sequence[int]):
@@ -253,7 +250,7 @@ def _prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         position_ids=position_ids,
         use_cache=True,
         logits_to_keep=1,
-        **{_cache_argument(model): cache},
+        **{cache_argument(unwrap_causal_lm(model)): cache},
     )
     cache.batch_select_indices(torch.tensor([distinct.index(i) for i in batch_rows], device=ids.device))
     return cache
@@ -326,7 +323,7 @@ def generate_completions(
                 generation_config=generation_config,
                 stopping_criteria=StoppingCriteriaList([stops] if stops else []),
                 synced_gpus=synced_gpus,
-                **({_cache_argument(model): cache} if cache is not None else {}),
+                **({cache_argument(unwrap_causal_lm(model)): cache} if cache is not None else {}),
             )
         finally:
             if handle is not None:

@@ -7,7 +7,9 @@ token, a chunk of positions at a time, taking a log-softmax of each chunk in flo
 
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +30,22 @@ def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     if is_peft_model(model):
         model = model.get_base_model()
     return model
+
+
+def cache_argument(module: torch.nn.Module) -> str:
+    """The name a transformers `forward` (and `generate`) takes a KV cache by: `cache` since transformers 5.2x,
+    `past_key_values` before (still accepted there, with a FutureWarning)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def supports_kv_cache_reuse(causal_lm: torch.nn.Module) -> bool:
+    """Whether a prompt's KV cache may be computed once and reused for several continuations: a transformers model
+    with a `DynamicCache`, outside ZeRO-3 (whose processes must run the same number of forwards; reuse makes that
+    number depend on how many prompts repeat)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    supports = getattr(causal_lm, "_supports_default_dynamic_cache", None)
+    return callable(supports) and bool(supports()) and not is_deepspeed_zero3_enabled()
 
 
 def _logit_transform(config):
@@ -121,6 +139,7 @@ def sequence_logprobs(
     completion_mask: torch.Tensor | None = None,
     micro_batch_size: int = 16,
     logits_chunk_tokens: int | None = None,
+    share_prompts: bool = True,
 ) -> torch.Tensor:
     r"""Sequence log-probability of each completion given its prompt, summed over completion tokens only:
 
@@ -142,6 +161,8 @@ def sequence_logprobs(
         micro_batch_size: sequences per backbone forward.
         logits_chunk_tokens: completion positions projected through the LM head at once (default: as many as
             fit in `LOGITS_CHUNK_BYTES` of float32 logits at the model's vocabulary size).
+        share_prompts: when a prompt repeats (N samples of one prompt), run its tokens through the model once and
+            score each completion from its KV cache (`_shared_prompt_logprobs`), where the model allows it.
 
     Returns:
         float32 tensor of shape `(batch,)` on the model's device; 0.0 for an empty completion.
@@ -165,6 +186,12 @@ def sequence_logprobs(
         row = int(starts_with_completion.nonzero()[0, 0])
         raise ValueError(f"Prompt {row} is empty: the first completion token needs at least one prompt token.")
 
+    if share_prompts and supports_kv_cache_reuse(causal_lm):
+        prompt_rows, completion_rows = _real_rows(prompt_ids, prompt_mask), _real_rows(completion_ids, completion_mask)
+        if len(set(map(tuple, prompt_rows))) < len(prompt_rows):
+            return _shared_prompt_logprobs(
+                causal_lm, prompt_rows, completion_rows, micro_batch_size, chunk_tokens, transform, device
+            )
     lengths = attention_mask.sum(dim=1)
     # Longest first, so each micro-batch is trimmed to similar lengths and the first one shows the peak memory.
     order = torch.argsort(lengths, descending=True)
@@ -179,15 +206,90 @@ def sequence_logprobs(
         targets_mask = is_completion[rows, 1:width].to(device).bool()
         states = hidden[:, :-1][targets_mask]
         targets = ids[:, 1:][targets_mask]
-        row_of_token = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(targets_mask)[targets_mask]
-        sums = torch.zeros(len(rows), dtype=torch.float32, device=device)
-        for chunk in range(0, targets.numel(), chunk_tokens):
-            piece = slice(chunk, chunk + chunk_tokens)
-            logits = transform(head(states[piece])).float()
-            token_logps = logits.gather(-1, targets[piece].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
-            sums.index_add_(0, row_of_token[piece], token_logps)
-            del logits
-        result[rows.to(device)] = sums
+        result[rows.to(device)] = _summed_token_logprobs(states, targets, targets_mask, head, transform, chunk_tokens)
+    return result
+
+
+def _summed_token_logprobs(states, targets, mask, head, transform, chunk_tokens) -> torch.Tensor:
+    """Per row of `mask` (rows, positions), the sum of log softmax(transform(head(state)))[target] over its True
+    positions; `states` and `targets` hold those positions in row-major order. The LM head runs `chunk_tokens`
+    positions at a time, so float32 logits never exceed one chunk."""
+    row_of_token = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    sums = torch.zeros(mask.size(0), dtype=torch.float32, device=mask.device)
+    for start in range(0, targets.numel(), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        logits = transform(head(states[piece])).float()
+        token_logps = logits.gather(-1, targets[piece].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+        sums.index_add_(0, row_of_token[piece], token_logps)
+        del logits
+    return sums
+
+
+def _real_rows(ids: TokenIds, mask: torch.Tensor | None) -> list[list[int]]:
+    """The real (unpadded) token ids of each row."""
+    ids, mask = _as_padded(ids, mask)
+    return [row[keep].tolist() for row, keep in zip(ids, mask.to(ids.device))]
+
+
+def _shared_prompt_logprobs(
+    causal_lm, prompt_rows, completion_rows, micro_batch_size, chunk_tokens, transform, device
+):
+    """`sequence_logprobs` when prompts repeat: each distinct prompt runs through the backbone once (left-padded, a
+    micro-batch of prompts at a time), and its KV cache is repeated for the completions that follow it.
+
+    Completion token j is predicted by the hidden state before it: the prompt's last position for j = 0, the
+    completion's position j - 1 after. Positions continue from each prompt's real length, so left padding is
+    invisible, as in `generate`. With N samples of a P-token prompt this runs P + N x C tokens instead of
+    N x (P + C)."""
+    from transformers import DynamicCache
+
+    backbone, head = causal_lm.base_model, causal_lm.get_output_embeddings()
+    cache_name = cache_argument(backbone)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row, prompt in enumerate(prompt_rows):
+        groups.setdefault(tuple(prompt), []).append(row)
+    prompts = list(groups)
+    largest_group = max(len(rows) for rows in groups.values())
+    prompts_per_forward = max(1, micro_batch_size // largest_group)
+    result = torch.zeros(len(prompt_rows), dtype=torch.float32, device=device)
+    for start in range(0, len(prompts), prompts_per_forward):
+        chunk = prompts[start : start + prompts_per_forward]
+        prompt_ids, prompt_mask = pad_rows(chunk, side="left")
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.long().to(device)
+        cache = DynamicCache(config=causal_lm.config)
+        hidden = backbone(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            **{cache_name: cache},
+        ).last_hidden_state
+        last_prompt_state = hidden[:, -1]  # left padding: the last position is every prompt's last token
+        del hidden
+        rows = [(i, row) for i, prompt in enumerate(chunk) for row in groups[prompt]]
+        for row_start in range(0, len(rows), micro_batch_size):
+            part = rows[row_start : row_start + micro_batch_size]
+            which = torch.tensor([i for i, _ in part], device=device)
+            targets, target_mask = pad_rows([completion_rows[row] for _, row in part])
+            targets, target_mask = targets.to(device), target_mask.to(device)
+            states = last_prompt_state[which].unsqueeze(1)
+            if targets.size(1) > 1:
+                # The completion's last token predicts nothing we score: feed all but it
+                row_cache = copy.deepcopy(cache)
+                row_cache.batch_select_indices(which)
+                completion_states = backbone(
+                    input_ids=targets[:, :-1],
+                    attention_mask=torch.cat([prompt_mask[which], target_mask[:, :-1].long()], dim=1),
+                    position_ids=prompt_mask[which].sum(-1, keepdim=True)
+                    + torch.arange(targets.size(1) - 1, device=device),
+                    use_cache=True,
+                    **{cache_name: row_cache},
+                ).last_hidden_state
+                states = torch.cat([states, completion_states], dim=1)
+                del row_cache
+            states = states[:, : targets.size(1)][target_mask]  # (an all-empty part has width 0)
+            sums = _summed_token_logprobs(states, targets[target_mask], target_mask, head, transform, chunk_tokens)
+            result[torch.tensor([row for _, row in part], device=device)] = sums
     return result
 
 
