@@ -80,20 +80,28 @@ def settings() -> list[Setting]:
     ]
 
 
+DEFAULT_NUM_PROMPTS = 40
+
+
+def with_num_prompts(name: str, num_prompts: int) -> str:
+    """A data folder's or run's name: other prompt counts than the default get their own (`...-p200`)."""
+    return name if num_prompts == DEFAULT_NUM_PROMPTS else f"{name}-p{num_prompts}"
+
+
 def task_options(setting: Setting, num_prompts: int) -> dict:
     return {"form": setting.form, "num_train": 40, "num_test": max(num_prompts, 40), **dict(setting.task_options)}
 
 
 def data_command(setting: Setting, num_prompts: int) -> str:
     flags = " ".join(f"--{k} {v}" for k, v in task_options(setting, num_prompts).items())
-    return f"python -m trl_sharpen.tasks {setting.task} {flags} --output_dir {WORK.relative_to(REPO)}/data/{setting.data_name}"
+    return f"python -m trl_sharpen.tasks {setting.task} {flags} --output_dir {WORK.relative_to(REPO)}/data/{with_num_prompts(setting.data_name, num_prompts)}"
 
 
 def write_task(setting: Setting, num_prompts: int) -> Path:
     from trl_sharpen.tasks import generate_task
     from trl_sharpen.tasks.common import write_splits
 
-    folder = WORK / "data" / setting.data_name
+    folder = WORK / "data" / with_num_prompts(setting.data_name, num_prompts)
     if not (folder / "test.jsonl").is_file():
         write_splits(generate_task(setting.task, **task_options(setting, num_prompts)), folder)
     return folder / "test.jsonl"
@@ -135,7 +143,7 @@ def run(setting: Setting, args) -> dict:
     from trl_sharpen.cli import main as cli_main
 
     data = write_task(setting, args.num_prompts)
-    output_dir = WORK / setting.name
+    output_dir = WORK / with_num_prompts(setting.name, args.num_prompts)
     argv = eval_argv(setting, data, output_dir, args)  # the model by short name: converted once, cached
     shown = eval_argv(setting, data.relative_to(REPO), output_dir.relative_to(REPO), args)
     command = "trl-sharpen " + " ".join(shell_quote(a) for a in shown)
@@ -160,7 +168,8 @@ def markdown(results: list[dict], args, total_s: float) -> str:
         "# Does sharpening help a real model? (`python benchmarks/real_model_eval.py`)",
         "",
         f"{args.num_prompts} test prompts per setting, N = {n_max} samples per prompt, seed 0, float32 on CPU "
-        f"(2 shared cores, heavily loaded by other jobs while measured); total wall time {total_s / 60:.1f} min. BoN@n and pass@n for n < N are exact subset "
+        f"(2 cores); total wall time {total_s / 60:.1f} min, the sum of the settings' `wall s` (model loading "
+        "excluded). BoN@n and pass@n for n < N are exact subset "
         "expectations over the N samples. gap = BoN@N - sample accuracy (Song et al. 2025); rel = gap / (1 - sample "
         "accuracy); delta = mean sharpening error 1 - pi(y*|x), y* the complete sample or greedy output pi_base rates highest (Huang et al. 2025, Def. 3.1). len = mean "
         "completion length in tokens (greedy / samples / the sample BoN@N by logprob selects).",
@@ -212,7 +221,10 @@ def markdown(results: list[dict], args, total_s: float) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_prompts", type=int, default=40, help="Test prompts per setting.")
+    parser.add_argument(
+        "--num_prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="Test prompts per setting (others than 40 "
+        "get their own data and run folders, `<setting>-p<num_prompts>`)."
+    )  # fmt: skip
     parser.add_argument("--num_samples", type=int, default=8, help="N samples per prompt.")
     parser.add_argument("--only", nargs="*", default=None, help="Run the settings whose name contains one of these.")
     parser.add_argument("--output", default=str(RESULTS / "real_model_eval.md"))
@@ -227,7 +239,10 @@ def main():
     results = []
     args.reuse = args.reuse or args.report_only
     for setting in chosen:
-        if args.report_only and not (WORK / setting.name / "command.txt").is_file():
+        if (
+            args.report_only
+            and not (WORK / with_num_prompts(setting.name, args.num_prompts) / "command.txt").is_file()
+        ):
             continue
         results.append(run(setting, args))
         text = markdown(results, args, sum(result["wall_s"] for result in results))

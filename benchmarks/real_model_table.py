@@ -21,6 +21,7 @@ import gc
 import importlib.util
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -35,8 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 WORK = REPO / "outputs" / "real_model_table"
 YAML_NAME = "smollm2_135m_cpu.yaml"
-# The real_model_eval.py setting the recipes train in (its BoN@N is the inference-time skyline)
-EVAL_SETTING = "smollm2-chat-arithmetic_add1-T1"
+# The real_model_eval.py setting the recipes train in (its BoN@N by the recipes' self-reward is the inference-time
+# skyline): the one where the base's Best-of-N beat its greedy decoding
+EVAL_SETTING = "smollm2-chat-prontoqa-T0.7"
 
 METHODS = {
     "sft": ("sft_sharpen", "SFT-Sharpening (BoNSFTTrainer)"),
@@ -100,6 +102,8 @@ def train(key: str, overrides: list[str]) -> tuple[torch.nn.Module, dict]:
     from trl_sharpen.script_utils import load_model_name_and_tokenizer, load_prompt_datasets
 
     recipe = METHODS[key][0]
+    # From scratch: the wall time is the table's, and samples of an earlier run (other settings) must not be resumed
+    shutil.rmtree(WORK / key, ignore_errors=True)
     script_args, args, model_args = recipe_args(recipe, WORK / key, overrides)
     model_name, tokenizer = load_model_name_and_tokenizer(model_args, args)
     train_dataset = load_prompt_datasets(script_args)[script_args.dataset_train_split]
@@ -144,7 +148,7 @@ def markdown(base: dict, rows: list[dict], skyline: dict | None, total_s: float,
         f"Task: the recipes' test split ({num_prompts} prompts), greedy decoding before and after training. Layout of "
         "Huang et al. 2025, Table 1: % lift of greedy accuracy over the base's greedy, and lift of the mean "
         "log pi_base of the greedy outputs. Samples = completions drawn from pi_base / from the policy during "
-        f"training; wall = training time incl. sampling, 2 shared CPU cores, float32. Total: {total_s / 60:.1f} min.",
+        f"training; wall = training time incl. sampling, 2 CPU cores, float32. Total: {total_s / 60:.1f} min.",
         "",
         "| model | greedy acc. | % lift | log pi_base(greedy) | lift | length (tokens) | samples base / policy | "
         "steps | wall s |",
@@ -154,7 +158,7 @@ def markdown(base: dict, rows: list[dict], skyline: dict | None, total_s: float,
     ]
     if skyline is not None:
         lines.append(
-            f"| base, inference-time BoN@{skyline['n']} by log-prob (real_model_eval) | {fmt(skyline['accuracy'])} | "
+            f"| base, inference-time BoN@{skyline['n']} by {skyline['reward']} (real_model_eval) | {fmt(skyline['accuracy'])} | "
             f"{fmt(pct(skyline['accuracy'], base['accuracy']), 1, sign=True)} | {fmt(skyline['logprob'], 2)} | "
             f"{fmt(skyline['logprob'] - base['logprob'], 2, sign=True)} | {fmt(skyline['length'], 1)} | "
             f"{skyline['samples']} / 0 | - | - |"
@@ -176,17 +180,32 @@ def pct(value: float, reference: float) -> float | None:
     return None if reference == 0 else 100.0 * (value - reference) / reference
 
 
-def skyline_row() -> dict | None:
-    path = REPO / "outputs" / "real_model_eval" / EVAL_SETTING / "report.json"
+def skyline_row(script_args) -> dict | None:
+    """The base's BoN@N by the SFT recipe's self-reward, from real_model_eval.py's report of the same setting."""
+    from real_model_eval import with_num_prompts  # benchmarks/ is on sys.path when a script here runs
+
+    path = REPO / "outputs" / "real_model_eval" / with_num_prompts(EVAL_SETTING, script_args.num_eval_prompts)
+    path = path / "report.json"
     if not path.is_file():
         return None
     report = json.loads(path.read_text())
-    n = report["num_samples"]
+    _, training_args, _ = recipe_args("sft_sharpen", WORK / "setup", [])
+    sampled_at = report["settings"]["temperature"]
+    if report["num_prompts"] != script_args.num_eval_prompts:
+        raise SystemExit(
+            f"{path} has {report['num_prompts']} prompts, the recipes evaluate {script_args.num_eval_prompts}"
+        )
+    if abs(sampled_at - training_args.temperature) > 1e-9:
+        raise SystemExit(
+            f"{path} was sampled at T = {sampled_at}, the recipes sample at T = {training_args.temperature}"
+        )
+    reward, n = training_args.self_reward, report["num_samples"]
     return {
         "n": n,
-        "accuracy": report["best_of_n"]["logprob"][str(n)],
-        "logprob": report["best_of_n_base_logprob"]["logprob"][str(n)],
-        "length": report.get("best_of_n_length", {}).get("logprob", {}).get(str(n)),
+        "reward": reward,
+        "accuracy": report["best_of_n"][reward][str(n)],
+        "logprob": report["best_of_n_base_logprob"][reward][str(n)],
+        "length": report.get("best_of_n_length", {}).get(reward, {}).get(str(n)),
         "samples": report["num_prompts"] * n,
     }
 
@@ -213,7 +232,7 @@ def main():
         print(f"{key}: greedy {after['accuracy']:.3f}, log pi_base {after['logprob']:.2f}, {stats}", flush=True)
         del model
         gc.collect()
-        text = markdown(base, rows, skyline_row(), time.perf_counter() - start, len(test))
+        text = markdown(base, rows, skyline_row(script_args), time.perf_counter() - start, len(test))
         Path(args.output).write_text(text)
     print("\n" + text)
 

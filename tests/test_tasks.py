@@ -223,7 +223,7 @@ def test_cli_writes_jsonl_splits(tmp_path, capsys):
 
 SHIPPED = {
     "arithmetic_add1_chat": ("arithmetic", dict(level="add1", form="chat", num_train=60, num_test=40)),
-    "prontoqa_chat": ("prontoqa", dict(form="chat", num_train=200, num_test=40)),
+    "prontoqa_chat": ("prontoqa", dict(form="chat", num_train=200, num_test=200)),
 }
 
 
