@@ -11,7 +11,9 @@ Prints two tables:
 
 1. Time of `best_of_n` (sample N, score, select, build the dataset) against a plain `model.generate` of the same N
    samples per prompt (the floor: what sampling alone costs), and against the naive approach of generating and then
-   re-scoring every sample with a second forward pass. Target: `best_of_n` / `generate` <= 1.10.
+   re-scoring every sample with a second forward pass. Target: `best_of_n` / `generate` <= 1.10. A last column
+   runs `best_of_n` with `generate`'s own prefill of every row instead of one prefill per distinct prompt (as before
+   that change): the difference is what sharing the prompt's KV cache saves.
 2. Peak memory of `sequence_logprobs` against a naive full-logits log-softmax (`model(...).logits.float()
    .log_softmax(-1)`), at a 32k vocabulary. Each variant runs in a fresh process; a thread polls the resident set
    size during the call and reports its peak above the level before the call. Target: ratio <= 0.5.
@@ -27,11 +29,12 @@ import sys
 import tempfile
 import threading
 import time
+from unittest import mock
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_sharpen import best_of_n, sequence_logprobs
+from trl_sharpen import best_of_n, generation, sequence_logprobs
 from trl_sharpen.generation import build_generation_config, generate_completions, left_pad
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
@@ -87,9 +90,20 @@ def speed_rows(model, tokenizer, prompts, num_samples, max_new_tokens, batch_siz
             progress=False,
         )
 
+    def ours_without_shared_prefill():
+        # best_of_n as it was before each distinct prompt's prefill was shared by its samples (generate prefilled
+        # every row): what that change saves, side by side
+        with mock.patch.object(generation, "_can_share_prompt_prefill", lambda *args: False):
+            ours()
+
     torch.manual_seed(0)
     ours()  # warm-up
-    fns = {"generate only": plain_generate, "generate + re-score": generate_then_rescore, "best_of_n": ours}
+    fns = {
+        "generate only": plain_generate,
+        "generate + re-score": generate_then_rescore,
+        "best_of_n": ours,
+        "best_of_n, unshared prefill": ours_without_shared_prefill,
+    }
     return timed(fns, repeats)
 
 
@@ -219,6 +233,18 @@ def main():
             rows["SmolLM2-135M-Instruct (vocab 49k), 8 chat prompts x N=8, 32 new tokens"] = speed_rows(
                 smol, smol_tok, chat, num_samples=8, max_new_tokens=32, batch_size=64, repeats=args.repeats
             )
+            # Few-shot prompts are long (2 ProntoQA examples and the question): there prefill dominates sampling
+            from trl_sharpen.tasks import generate_task
+
+            few_shot = [
+                row["prompt"] for row in generate_task("prontoqa", form="few_shot", num_train=40, num_test=4)["test"]
+            ]
+            tokens = sum(len(smol_tok(p)["input_ids"]) for p in few_shot) // len(few_shot)
+            rows[f"SmolLM2-135M-Instruct, 4 ProntoQA 2-shot prompts (~{tokens} tokens) x N=8, 8 new tokens"] = (
+                speed_rows(
+                    smol, smol_tok, few_shot, num_samples=8, max_new_tokens=8, batch_size=64, repeats=args.repeats
+                )
+            )
             del smol
             # 8 x 256 tokens: the naive pass holds 2 GiB of float32 logits at 262k (and its log-softmax as much)
             memory_settings.append(("SmolLM2-135M, vocab 49k", smol_path, 8, 64, 192))
@@ -228,15 +254,16 @@ def main():
 
         print(f"Best-of-N time (best of {args.repeats} runs)")
         print(
-            f"| {'setting':<72} | {'generate only':>13} | {'gen + re-score':>14} | {'best_of_n':>9} | "
-            f"{'best_of_n / generate':>20} | {'re-score / generate':>19} |"
+            f"| {'setting':<84} | {'generate only':>13} | {'gen + re-score':>14} | {'best_of_n':>9} | "
+            f"{'best_of_n / generate':>20} | {'re-score / generate':>19} | {'unshared prefill / generate':>27} |"
         )
-        print(f"|{'-' * 74}|{'-' * 15}|{'-' * 16}|{'-' * 11}|{'-' * 22}|{'-' * 21}|")
+        print(f"|{'-' * 86}|{'-' * 15}|{'-' * 16}|{'-' * 11}|{'-' * 22}|{'-' * 21}|{'-' * 29}|")
         for name, t in rows.items():
             print(
-                f"| {name:<72} | {t['generate only']:>12.2f}s | {t['generate + re-score']:>13.2f}s | "
+                f"| {name:<84} | {t['generate only']:>12.2f}s | {t['generate + re-score']:>13.2f}s | "
                 f"{t['best_of_n']:>8.2f}s | {t['best_of_n'] / t['generate only']:>20.3f} | "
-                f"{t['generate + re-score'] / t['generate only']:>19.3f} |"
+                f"{t['generate + re-score'] / t['generate only']:>19.3f} | "
+                f"{t['best_of_n, unshared prefill'] / t['generate only']:>27.3f} |"
             )
 
         for label, path, batch, prompt_len, completion_len in [] if args.skip_memory else memory_settings:

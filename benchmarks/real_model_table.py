@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -56,7 +57,8 @@ def recipe_args(recipe: str, output_dir: Path, overrides: list[str]):
     return module.make_parser().parse_args_and_config(argv)
 
 
-def greedy(model, tokenizer, test, checker, script_args) -> dict:
+def greedy(model, tokenizer, test, extractor, script_args) -> dict:
+    from trl_sharpen.answers import answers_match
     from trl_sharpen.evaluation import evaluate_greedy
 
     result = evaluate_greedy(
@@ -64,7 +66,7 @@ def greedy(model, tokenizer, test, checker, script_args) -> dict:
         tokenizer,
         test["prompt"],
         test[script_args.answer_column],
-        checker,
+        lambda completion, reference: answers_match(completion, reference, extractor),
         base_model=model,  # a LoRA policy is scored with its adapters disabled: log pi_base
         max_new_tokens=script_args.eval_max_completion_length,
     )
@@ -74,6 +76,8 @@ def greedy(model, tokenizer, test, checker, script_args) -> dict:
         "length": result.mean_length,
         "seconds": result.wall_time_s,
         "examples": result.completions[:3],
+        # The most frequent extracted answer and its share: a policy that always says "False" scores the base rate
+        "top_answer": Counter(map(extractor, result.completions)).most_common(1)[0],
     }
 
 
@@ -81,7 +85,7 @@ def setup(overrides: list[str]):
     """Tokenizer, test prompts and answer checker of the recipes' task (read from the SFT recipe's YAML)."""
     from transformers import AutoTokenizer
 
-    from trl_sharpen.answers import answers_match, get_answer_extractor
+    from trl_sharpen.answers import get_answer_extractor
     from trl_sharpen.real_models import resolve_model_name_or_path
     from trl_sharpen.script_utils import load_prompt_datasets
 
@@ -92,7 +96,7 @@ def setup(overrides: list[str]):
     test = dataset[script_args.dataset_test_split]
     test = test.select(range(min(len(test), script_args.num_eval_prompts)))
     extractor = get_answer_extractor(training_args.answer_extractor)
-    return model_path, tokenizer, test, (lambda c, r: answers_match(c, r, extractor)), script_args
+    return model_path, tokenizer, test, extractor, script_args
 
 
 def train(key: str, overrides: list[str]) -> tuple[torch.nn.Module, dict]:
@@ -141,26 +145,35 @@ def fmt(value, digits: int = 3, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
-def markdown(base: dict, rows: list[dict], skyline: dict | None, total_s: float, num_prompts: int) -> str:
+def top_answer(result: dict, num_prompts: int) -> str:
+    answer, count = result["top_answer"]
+    return f"{answer} ({count / num_prompts:.2f})"
+
+
+def markdown(
+    base: dict, rows: list[dict], skyline: dict | None, total_s: float, num_prompts: int, constant: tuple
+) -> str:
     lines = [
         "# Sharpening SmolLM2-135M-Instruct with LoRA on CPU (`python benchmarks/real_model_table.py`)",
         "",
         f"Task: the recipes' test split ({num_prompts} prompts), greedy decoding before and after training. Layout of "
         "Huang et al. 2025, Table 1: % lift of greedy accuracy over the base's greedy, and lift of the mean "
         "log pi_base of the greedy outputs. Samples = completions drawn from pi_base / from the policy during "
-        f"training; wall = training time incl. sampling, 2 CPU cores, float32. Total: {total_s / 60:.1f} min.",
+        f"training; wall = training time incl. sampling, 2 CPU cores, float32. Total: {total_s / 60:.1f} min. "
+        f"Top answer = the most frequent extracted greedy answer and its share; answering {constant[0]!r} to every "
+        f"prompt would score {constant[1] / num_prompts:.3f}.",
         "",
-        "| model | greedy acc. | % lift | log pi_base(greedy) | lift | length (tokens) | samples base / policy | "
-        "steps | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | greedy acc. | % lift | log pi_base(greedy) | lift | length (tokens) | top answer | samples base / "
+        "policy | steps | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| base (SmolLM2-135M-Instruct) | {fmt(base['accuracy'])} | - | {fmt(base['logprob'], 2)} | - | "
-        f"{fmt(base['length'], 1)} | - | - | - |",
+        f"{fmt(base['length'], 1)} | {top_answer(base, num_prompts)} | - | - | - |",
     ]
     if skyline is not None:
         lines.append(
             f"| base, inference-time BoN@{skyline['n']} by {skyline['reward']} (real_model_eval) | {fmt(skyline['accuracy'])} | "
             f"{fmt(pct(skyline['accuracy'], base['accuracy']), 1, sign=True)} | {fmt(skyline['logprob'], 2)} | "
-            f"{fmt(skyline['logprob'] - base['logprob'], 2, sign=True)} | {fmt(skyline['length'], 1)} | "
+            f"{fmt(skyline['logprob'] - base['logprob'], 2, sign=True)} | {fmt(skyline['length'], 1)} | - | "
             f"{skyline['samples']} / 0 | - | - |"
         )
     for row in rows:
@@ -168,7 +181,8 @@ def markdown(base: dict, rows: list[dict], skyline: dict | None, total_s: float,
         lines.append(
             f"| {row['label']} | {fmt(after['accuracy'])} | {fmt(pct(after['accuracy'], base['accuracy']), 1, sign=True)}"
             f" | {fmt(after['logprob'], 2)} | {fmt(after['logprob'] - base['logprob'], 2, sign=True)} | "
-            f"{fmt(base['length'], 1)} -> {fmt(after['length'], 1)} | {stats['from_base']} / {stats['from_policy']} | "
+            f"{fmt(base['length'], 1)} -> {fmt(after['length'], 1)} | {top_answer(after, num_prompts)} | "
+            f"{stats['from_base']} / {stats['from_policy']} | "
             f"{stats['steps']} | {stats['seconds']:.0f} |"
         )
     lines += ["", "Greedy outputs (first 3 test prompts):", ""]
@@ -219,20 +233,21 @@ def main():
     start = time.perf_counter()
     from transformers import AutoModelForCausalLM
 
-    model_path, tokenizer, test, checker, script_args = setup(args.overrides)
+    model_path, tokenizer, test, extractor, script_args = setup(args.overrides)
     base_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    base = greedy(base_model, tokenizer, test, checker, script_args)
+    base = greedy(base_model, tokenizer, test, extractor, script_args)
     print(f"base: greedy {base['accuracy']:.3f}, log pi_base {base['logprob']:.2f}, length {base['length']:.1f}")
     del base_model
     rows = []
     for key in args.methods:
         model, stats = train(key, args.overrides)
-        after = greedy(model, tokenizer, test, checker, script_args)
+        after = greedy(model, tokenizer, test, extractor, script_args)
         rows.append({"label": METHODS[key][1], "after": after, "stats": stats})
         print(f"{key}: greedy {after['accuracy']:.3f}, log pi_base {after['logprob']:.2f}, {stats}", flush=True)
         del model
         gc.collect()
-        text = markdown(base, rows, skyline_row(script_args), time.perf_counter() - start, len(test))
+        constant = Counter(test[script_args.answer_column]).most_common(1)[0]
+        text = markdown(base, rows, skyline_row(script_args), time.perf_counter() - start, len(test), constant)
         Path(args.output).write_text(text)
     print("\n" + text)
 
