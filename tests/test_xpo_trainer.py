@@ -17,7 +17,7 @@ from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
 from .launching import launch_toy_recipe, parse_recipe_yaml, recipe_yamls, yaml_values_not_applied
 from .sharpening_check import train_and_check_sharpening
-from .test_self_reward_dpo_trainer import count_scoring_forwards  # pi_base scoring passes (no KV cache)
+from .test_self_reward_dpo_trainer import count_scoring_forwards  # pi_base scoring passes
 from .trainer_args import cpu_test_args, online_trainer, train_and_check_basics
 
 
