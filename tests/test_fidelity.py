@@ -15,8 +15,8 @@ import torch
 from datasets import Dataset, load_from_disk
 
 from trl_sharpen import BoNSFTConfig, best_of_n
-from trl_sharpen.cli import main as cli_main
 from trl_sharpen.best_of_n_sampling import adaptive_stopping_index, select_best
+from trl_sharpen.cli import main as cli_main
 from trl_sharpen.data import load_prompts, validate_prompt_dataset
 from trl_sharpen.evaluation import evaluate_sharpening
 from trl_sharpen.report import GreedyEvaluation, SampleSet, SharpeningReport
