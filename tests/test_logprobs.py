@@ -332,3 +332,16 @@ def test_cpu_lm_head_equals_trls_fused_kernel(model_type, extra, monkeypatch):
         torch.testing.assert_close(ours_grad, fused_grad, atol=1e-5, rtol=1e-4)
     # Generation (no `fused_lm_head`) still returns logits
     assert model(input_ids=input_ids).logits.shape == (4, 12, 97)
+
+
+def test_repeated_prompts_under_gradient_checkpointing_in_training_mode(toy_model, samples):
+    """With gradient checkpointing on in training mode, transformers may drop the KV cache (versions before 5.2x did
+    even without gradients): scoring then takes the unshared path, and stays exact either way."""
+    prompts, completions = samples
+    rows = [0, 0, 1, 1]
+    toy_model.gradient_checkpointing_enable()
+    toy_model.train()
+    got = sequence_logprobs(toy_model, [prompts[i] for i in rows], [completions[i] for i in rows])
+    toy_model.eval()
+    expected = naive_logprobs(toy_model, [prompts[i] for i in rows], [completions[i] for i in rows])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -186,7 +186,12 @@ def sequence_logprobs(
         row = int(starts_with_completion.nonzero()[0, 0])
         raise ValueError(f"Prompt {row} is empty: the first completion token needs at least one prompt token.")
 
-    if share_prompts and supports_kv_cache_reuse(causal_lm):
+    # Gradient checkpointing in training mode can make transformers drop the KV cache (use_cache=False; recent versions
+    # only with gradients enabled): no sharing then
+    checkpointing = causal_lm.training and any(
+        getattr(m, "gradient_checkpointing", False) for m in causal_lm.modules()
+    )
+    if share_prompts and not checkpointing and supports_kv_cache_reuse(causal_lm):
         prompt_rows, completion_rows = _real_rows(prompt_ids, prompt_mask), _real_rows(completion_ids, completion_mask)
         if len(set(map(tuple, prompt_rows))) < len(prompt_rows):
             return _shared_prompt_logprobs(
@@ -265,6 +270,8 @@ def _shared_prompt_logprobs(
             **{cache_name: cache},
         ).last_hidden_state
         last_prompt_state = hidden[:, -1]  # left padding: the last position is every prompt's last token
+        if cache.get_seq_length() != prompt_ids.size(1):  # never score completions without their prompt
+            raise RuntimeError("The model did not fill its KV cache; call sequence_logprobs with share_prompts=False.")
         del hidden
         rows = [(i, row) for i, prompt in enumerate(chunk) for row in groups[prompt]]
         for row_start in range(0, len(rows), micro_batch_size):
