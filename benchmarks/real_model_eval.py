@@ -219,13 +219,21 @@ def markdown(results: list[dict], args, total_s: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: refuse 0 and negatives before any data is written or model loaded."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--num_prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="Test prompts per setting (others than 40 "
+        "--num_prompts", type=positive_int, default=DEFAULT_NUM_PROMPTS, help="Test prompts per setting (others than 40 "
         "get their own data and run folders, `<setting>-p<num_prompts>`)."
     )  # fmt: skip
-    parser.add_argument("--num_samples", type=int, default=8, help="N samples per prompt.")
+    parser.add_argument("--num_samples", type=positive_int, default=8, help="N samples per prompt.")
     parser.add_argument("--only", nargs="*", default=None, help="Run the settings whose name contains one of these.")
     parser.add_argument("--output", default=str(RESULTS / "real_model_eval.md"))
     parser.add_argument("--reuse", action="store_true", help="Keep settings already run with the same command.")

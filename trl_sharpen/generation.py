@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from accelerate.utils import extract_model_from_parallel, is_peft_model
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from .logprobs import (
     cache_argument,
     completion_mask_from_eos,
     has_eos,
     pad_rows,
+    prefill_prompts,
     sequence_logprobs,
     supports_kv_cache_reuse,
     unwrap_causal_lm,
@@ -220,11 +221,14 @@ def seeded(model: torch.nn.Module, seed: int):
 
 def _can_share_prompt_prefill(model, generation_config: GenerationConfig, synced_gpus: bool | None) -> bool:
     """Whether `_prefilled_cache` may be used: a model whose KV cache can be reused (`supports_kv_cache_reuse`), no
-    other cache implementation asked for, and no step-synchronised generation across processes."""
+    other cache implementation asked for, no step-synchronised generation across processes, and no prompt-learning
+    PEFT adapter (prefix tuning brings its own cache, which a prefill of the backbone would leave out)."""
     if synced_gpus or generation_config.cache_implementation is not None or generation_config.use_cache is False:
         return False
-    causal_lm = unwrap_causal_lm(model)
-    return supports_kv_cache_reuse(causal_lm) and "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
+    wrapped = extract_model_from_parallel(model)
+    if is_peft_model(wrapped) and wrapped.active_peft_config.is_prompt_learning:
+        return False
+    return supports_kv_cache_reuse(unwrap_causal_lm(model))
 
 
 def _prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_rows: Sequence[int]):
@@ -240,19 +244,8 @@ def _prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     if len(distinct) == len(batch_rows) or input_ids.size(1) < 2:
         return None
     first = [batch_rows.index(i) for i in distinct]
-    ids, mask = input_ids[first, :-1], attention_mask[first, :-1]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=unwrap_causal_lm(model).config)
-    # `logits_to_keep=1`: the prefill's logits are not needed (at a 262k vocabulary they would be the largest tensor)
-    model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=position_ids,
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_argument(unwrap_causal_lm(model)): cache},
-    )
-    cache.batch_select_indices(torch.tensor([distinct.index(i) for i in batch_rows], device=ids.device))
+    cache, _ = prefill_prompts(unwrap_causal_lm(model), input_ids[first, :-1], attention_mask[first, :-1])
+    cache.batch_select_indices(torch.tensor([distinct.index(i) for i in batch_rows], device=input_ids.device))
     return cache
 
 

@@ -48,6 +48,29 @@ def supports_kv_cache_reuse(causal_lm: torch.nn.Module) -> bool:
     return callable(supports) and bool(supports()) and not is_deepspeed_zero3_enabled()
 
 
+def prefill_prompts(causal_lm: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """Run left-padded prompts through the backbone once, with a KV cache: returns the cache and each prompt's last
+    hidden state (which predicts the first token after it). Positions count real tokens only, as `generate` counts
+    them, so the left padding is invisible. Generation repeats the cache for N samples (`_prefilled_cache`), scoring
+    for N completions (`_shared_prompt_logprobs`)."""
+    from transformers import DynamicCache
+
+    backbone = causal_lm.base_model
+    cache = DynamicCache(config=causal_lm.config)
+    hidden = backbone(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        **{cache_argument(backbone): cache},
+    ).last_hidden_state
+    if cache.get_seq_length() != prompt_ids.size(1):  # never continue a prompt the cache does not hold
+        raise RuntimeError(
+            "The model did not fill its KV cache; pass share_prompts=False / share_prompt_prefill=False."
+        )
+    return cache, hidden[:, -1]
+
+
 def _logit_transform(config):
     """Post-LM-head transforms some architectures apply inside `forward` (so a bare head call would miss them)."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -246,8 +269,6 @@ def _shared_prompt_logprobs(
     completion's position j - 1 after. Positions continue from each prompt's real length, so left padding is
     invisible, as in `generate`. With N samples of a P-token prompt this runs P + N x C tokens instead of
     N x (P + C)."""
-    from transformers import DynamicCache
-
     backbone, head = causal_lm.base_model, causal_lm.get_output_embeddings()
     cache_name = cache_argument(backbone)
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -261,18 +282,7 @@ def _shared_prompt_logprobs(
         chunk = prompts[start : start + prompts_per_forward]
         prompt_ids, prompt_mask = pad_rows(chunk, side="left")
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.long().to(device)
-        cache = DynamicCache(config=causal_lm.config)
-        hidden = backbone(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-            use_cache=True,
-            **{cache_name: cache},
-        ).last_hidden_state
-        last_prompt_state = hidden[:, -1]  # left padding: the last position is every prompt's last token
-        if cache.get_seq_length() != prompt_ids.size(1):  # never score completions without their prompt
-            raise RuntimeError("The model did not fill its KV cache; call sequence_logprobs with share_prompts=False.")
-        del hidden
+        cache, last_prompt_state = prefill_prompts(causal_lm, prompt_ids, prompt_mask)
         rows = [(i, row) for i, prompt in enumerate(chunk) for row in groups[prompt]]
         for row_start in range(0, len(rows), micro_batch_size):
             part = rows[row_start : row_start + micro_batch_size]
