@@ -345,3 +345,25 @@ def test_repeated_prompts_under_gradient_checkpointing_in_training_mode(toy_mode
     toy_model.eval()
     expected = naive_logprobs(toy_model, [prompts[i] for i in rows], [completions[i] for i in rows])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_learning_adapters_keep_generates_own_prefill(toy_model, toy_tokenizer):
+    """Prefix tuning brings its own KV cache through the PEFT wrapper, which a prefill of the backbone would leave
+    out: such models sample with `generate`'s own prefill."""
+    from peft import PrefixTuningConfig
+
+    from trl_sharpen.generation import _can_share_prompt_prefill
+
+    config = build_generation_config(
+        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6,
+        pad_token_id=toy_tokenizer.pad_token_id, eos_token_id=toy_tokenizer.eos_token_id,
+    )  # fmt: skip
+    assert _can_share_prompt_prefill(toy_model, config, None)
+    prefix = get_peft_model(toy_model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    assert not _can_share_prompt_prefill(prefix, config, None)
+    prompts = [toy_tokenizer("Q : 3 + 5 = ?")["input_ids"]]
+    runs = []
+    for share in (True, False):
+        torch.manual_seed(0)
+        runs.append(generate_completions(prefix, prompts, config, num_samples=3, share_prompt_prefill=share))
+    assert runs[0].completion_ids == runs[1].completion_ids
