@@ -173,6 +173,14 @@ class SamplingArguments(GenerationArguments):
             "by the majority self-reward and the answer metrics."
         },
     )
+    require_answer: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Answer gating against reward hacking: a completion with no extractable final answer (or a "
+            "truncated one) is never selected by Best-of-N, nor the chosen side of a DPO/XPO pair, while the prompt "
+            "has a complete completion with an answer. None: on exactly when `answer_extractor` is set."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Sampling seed (the caller's random state is left untouched)."})
     generation_batch_size: int | None = _hidden_alias()
 
@@ -182,6 +190,26 @@ class SamplingArguments(GenerationArguments):
         check_int("sampling_batch_size", self.sampling_batch_size, 1, "Set the sequences per generate call, e.g. 64.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}. Use a whole number, e.g. 0.")
+        check_require_answer(self.require_answer, self.answer_extractor)
+
+
+def check_require_answer(require_answer, answer_extractor) -> None:
+    """Refuse a non-boolean `require_answer`, and `require_answer: true` without an extractor to find answers with."""
+    if require_answer is not None and not isinstance(require_answer, bool):
+        raise ValueError(
+            f"require_answer must be true, false or unset, got {require_answer!r}. Leave it unset to gate on answers "
+            "exactly when answer_extractor is set."
+        )
+    if require_answer and answer_extractor is None:
+        raise ValueError(
+            "require_answer=True needs an answer_extractor to tell which completions have an answer. Set "
+            "answer_extractor (e.g. 'default', or 'package.module:function'), or leave require_answer unset."
+        )
+
+
+def answer_gating_on(require_answer: bool | None, answer_extractor) -> bool:
+    """Whether answer gating applies: `require_answer` when set, else exactly when an answer extractor is set."""
+    return answer_extractor is not None if require_answer is None else bool(require_answer)
 
 
 # Fewer samples always tie under a majority vote: 2 samples are either the same answer (1, 1) or two answers (1/2, 1/2)
