@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -120,3 +121,90 @@ def validate_sample_count(num_samples: int, self_rewards: Sequence) -> None:
             "num_samples=1: with one sample there is nothing to select. Raise num_samples, or evaluate without "
             "self-rewards (self_rewards=() / --self_rewards none) for greedy and temperature-1 accuracy only."
         )
+
+
+# The field's sampled-accuracy metrics and the paired verdict -----------------------------------------------------------
+# Pure functions of per-prompt correctness flags and answers (numbers in, numbers out), as reported by label-free RL
+# papers (TTRL, RENT, SRT): avg@k, the mean accuracy of k samples at a temperature; maj@k, the accuracy of the
+# majority answer of k samples; pass@k, whether any of k samples is correct.
+
+
+def avg_at_k(correct: Sequence[Sequence[bool]]) -> float:
+    """avg@k: the mean over prompts of the share of a prompt's k samples that are correct."""
+    if not correct or any(len(row) == 0 for row in correct):
+        raise ValueError("avg@k needs at least one sample for each of at least one prompt.")
+    return float(np.mean([np.mean(np.asarray(row, dtype=np.float64)) for row in correct]))
+
+
+def maj_at_k(answers: Sequence[Sequence[str | None]], correct: Sequence[Sequence[bool]]) -> float:
+    """maj@k: the mean over prompts of whether the most common extracted answer of the prompt's k samples is correct.
+
+    Ties between answers are broken uniformly at random (the expectation is returned); samples without an answer
+    (None) do not vote, and a prompt whose samples all lack one scores as a uniformly random sample of them. A sample
+    is judged by its own correctness flag, so a checker that accepts several spellings of one answer still counts.
+    """
+    if len(answers) != len(correct):
+        raise ValueError(f"maj@k: {len(answers)} rows of answers but {len(correct)} rows of correctness flags.")
+    values = []
+    for row_answers, row_correct in zip(answers, correct):
+        if len(row_answers) != len(row_correct) or not row_answers:
+            raise ValueError("maj@k: each prompt needs as many answers as correctness flags, and at least one.")
+        weights = majority_selection_probabilities(row_answers, len(row_answers))
+        values.append(float(np.dot(weights, np.asarray(row_correct, dtype=np.float64))))
+    return float(np.mean(values))
+
+
+def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int | None = None) -> float:
+    """pass@k averaged over prompts (k = each prompt's number of samples when None), unbiased (`pass_at_k`)."""
+    if not correct:
+        raise ValueError("pass@k needs at least one prompt.")
+    return float(np.mean([pass_at_k(len(row), int(sum(map(bool, row))), k or len(row)) for row in correct]))
+
+
+@dataclass(frozen=True)
+class PairedInterval:
+    """Mean over prompts of `a - b`, and a percentile bootstrap interval for it (prompts resampled in pairs)."""
+
+    mean: float
+    low: float
+    high: float
+    confidence: float
+    num_prompts: int
+
+    @property
+    def verdict(self) -> str:
+        return interval_verdict(self.low, self.high)
+
+
+def paired_bootstrap_interval(
+    a: Sequence[float],
+    b: Sequence[float],
+    confidence: float = 0.95,
+    num_resamples: int = 10_000,
+    seed: int = 0,
+) -> PairedInterval:
+    """Paired percentile bootstrap for mean(a - b) over prompts: resample the prompts with replacement (a and b of a
+    prompt stay together, so what the two ways of answering share per prompt cancels), `num_resamples` times with a
+    fixed `seed` (the same data gives the same interval), and take the central `confidence` range of the means."""
+    if len(a) != len(b):
+        raise ValueError(f"A paired interval needs one value of each per prompt: got {len(a)} and {len(b)}.")
+    if not a:
+        raise ValueError("A paired interval needs at least one prompt.")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
+    differences = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, len(differences), size=(num_resamples, len(differences)))
+    means = differences[indices].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return PairedInterval(float(differences.mean()), float(low), float(high), confidence, len(differences))
+
+
+def interval_verdict(low: float, high: float) -> str:
+    """'helps' when the whole interval is above 0, 'hurts' when it is below 0, else 'no evidence'."""
+    if low > 0:
+        return "helps"
+    if high < 0:
+        return "hurts"
+    return "no evidence"
