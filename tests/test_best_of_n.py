@@ -204,3 +204,34 @@ def test_missing_pad_token_falls_back_to_eos_with_a_warning(toy_model, toy_token
     for row in result:  # completions still end at their (single) EOS
         for ids, cut in zip(row["completion_ids"], row["truncated"]):
             assert cut or ids.count(tokenizer.eos_token_id) == 1 and ids[-1] == tokenizer.eos_token_id
+
+
+def careful_steps_are_no_answer(text: str) -> str | None:
+    """A test extractor that finds no answer in the toy's careful solutions (they have `=` steps), only in the
+    shortcuts ("answer N"): the base's most likely samples then have no answer, so gating must change the choice."""
+    return None if "=" in text else text.split()[-1]
+
+
+def test_answer_gating_never_selects_a_completion_without_an_answer(toy_model, toy_tokenizer, prompts):
+    extractor = "tests.test_best_of_n:careful_steps_are_no_answer"
+    ungated = best_of_n(toy_model, toy_tokenizer, prompts, num_samples=8, **FAST)
+    gated = best_of_n(toy_model, toy_tokenizer, prompts, num_samples=8, answer_extractor=extractor, **FAST)
+    off = best_of_n(
+        toy_model, toy_tokenizer, prompts, num_samples=8, answer_extractor=extractor, require_answer=False, **FAST
+    )
+    assert off["selected_index"] == ungated["selected_index"]  # require_answer=False: by reward, as before
+    changed = 0
+    for row, before in zip(gated, ungated):
+        assert row["completions"] == before["completions"]  # same samples, only the choice differs
+        answered = [
+            careful_steps_are_no_answer(t) is not None and not cut
+            for t, cut in zip(row["completions"], row["truncated"])
+        ]
+        if any(answered):
+            assert answered[row["selected_index"]]
+            best_answered = max((i for i in range(8) if answered[i]), key=lambda i: row["rewards"][i])
+            assert row["selected_index"] == best_answered
+        else:
+            assert row["selected_index"] == before["selected_index"]
+        changed += row["selected_index"] != before["selected_index"]
+    assert changed > 0  # the careful solutions win without gating: the test reaches the gated case

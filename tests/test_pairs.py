@@ -82,3 +82,23 @@ def test_bad_arguments_are_refused(args, match):
 def test_unknown_tie_handling_is_refused():
     with pytest.raises(ValueError, match="ties='drop'"):
         select_pairs([1.0, 2.0], 2, ties="drop")
+
+
+def test_answer_gating_never_chooses_a_sample_without_an_answer_over_one_with_an_answer():
+    # The echo of the question (index 0) has the highest self-reward but no answer: it must be the rejected side
+    rewards = [-1.0, -6.0, -3.0]
+    assert select_pairs(rewards, 3).pairs == ((0, 1),)  # without gating, by reward
+    gated = select_pairs(rewards, 3, has_answer=[False, True, True])
+    assert gated.pairs == ((2, 0),)
+    # With k = 2, an answer of lower reward is chosen over a higher-reward sample without one
+    assert select_pairs([-1.0, -9.0], 2, has_answer=[False, True]).pairs == ((1, 0),)
+    # No sample has an answer (or all have one): by completeness, then reward, as without gating
+    assert select_pairs(rewards, 3, has_answer=[False] * 3).pairs == ((0, 1),)
+    assert select_pairs(rewards, 3, has_answer=[True] * 3).pairs == ((0, 1),)
+
+
+def test_answer_and_no_answer_with_equal_rewards_is_not_a_tie():
+    selection = select_pairs([-2.0, -2.0], 2, has_answer=[False, True], ties="skip")
+    assert selection.pairs == ((1, 0),) and selection.ties_skipped == 0
+    with pytest.raises(ValueError, match="answer flags"):
+        select_pairs([-2.0, -2.0], 2, has_answer=[True])

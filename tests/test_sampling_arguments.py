@@ -99,7 +99,12 @@ def test_fingerprint_keeps_the_keys_of_runs_written_before_the_rename():
     assert set(fingerprint) == {
         "num_samples", "self_reward", "temperature", "top_p", "top_k", "max_new_tokens", "stop_strings",
         "truncated_completions", "truncation_penalty", "adaptive_delta", "adaptive_round_size", "shard_size", "seed",
+        "answer_gating",
     }  # fmt: skip
+    # None without gating, so a run file written before `require_answer` existed (no such key) still resumes
+    assert fingerprint["answer_gating"] is None
+    gated = BestOfNSamplingArguments(answer_extractor="default").fingerprint("logprob")
+    assert gated["answer_gating"] == "default"
 
 
 def test_every_entry_point_uses_the_same_fields_and_help():
@@ -192,3 +197,19 @@ def test_recipe_yamls_use_no_deprecated_name():
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*will be removed in a future release", category=FutureWarning)
             parse_recipe_yaml(path)
+
+
+def test_require_answer_defaults_to_on_exactly_when_an_extractor_is_set():
+    from trl_sharpen.sampling_arguments import answer_gating_on
+
+    assert not answer_gating_on(SamplingArguments().require_answer, None)
+    assert answer_gating_on(SamplingArguments(answer_extractor="default").require_answer, "default")
+    assert not answer_gating_on(False, "default")
+    with pytest.raises(ValueError, match="require_answer=True needs an answer_extractor"):
+        SamplingArguments(require_answer=True)
+    with pytest.raises(ValueError, match="require_answer must be true, false or unset"):
+        SamplingArguments(require_answer="yes", answer_extractor="default")
+    with pytest.raises(ValueError, match="require_answer=True needs an answer_extractor"):
+        from trl_sharpen import SelfRewardDPOConfig
+
+        SelfRewardDPOConfig(output_dir="unused", use_cpu=True, bf16=False, require_answer=True)

@@ -397,3 +397,34 @@ def test_dpo_sharpen_toy_recipe_runs_end_to_end(tmp_path):
     accuracy = launch_toy_recipe("dpo_sharpen", tmp_path)
     assert accuracy["before"] < 0.15 and accuracy["after"] >= 0.7
     assert (tmp_path / "model.safetensors").exists() and "rlhf-sharpening" in (tmp_path / "README.md").read_text()
+
+
+def pair_answers(batch, tokenizer, extractor):
+    """(chosen has an answer, rejected has an answer) per pair of a pair batch, by `extractor` on the decoded text."""
+    texts = [
+        tokenizer.decode(row[m.bool()], skip_special_tokens=True)
+        for row, m in zip(batch["input_ids"], batch["completion_mask"])
+    ]
+    found = [extractor(text) is not None for text in texts]
+    half = len(found) // 2
+    return list(zip(found[:half], found[half:]))
+
+
+def test_answer_gating_never_chooses_a_sample_without_an_answer(tmp_path, toy_model, toy_tokenizer):
+    # The test extractor finds no answer in the careful solutions, the base's most likely samples: without gating
+    # they are chosen; with it, a shortcut with an answer must be chosen whenever the prompt has one
+    from .test_best_of_n import careful_steps_are_no_answer as extractor
+
+    trainer = make_trainer(
+        tmp_path,
+        toy_model,
+        toy_tokenizer,
+        num_generations=4,
+        answer_extractor="tests.test_best_of_n:careful_steps_are_no_answer",
+    )
+    assert trainer.args.require_answer is None  # on because an extractor is set
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    answers = pair_answers(batch, toy_tokenizer, extractor)
+    assert any(chosen and not rejected for chosen, rejected in answers)  # the step has answer-vs-no-answer pairs
+    assert all(chosen or not rejected for chosen, rejected in answers)  # and the answer is always chosen

@@ -141,6 +141,18 @@ def test_a_truncated_sample_is_never_chosen_over_a_complete_one(tmp_path, toy_mo
     assert all(chosen or not rejected for chosen, rejected in ends)  # and their complete sample is always chosen
 
 
+def test_answer_gating_never_chooses_a_sample_without_an_answer(tmp_path, toy_model, toy_tokenizer):
+    from .test_best_of_n import careful_steps_are_no_answer as extractor
+    from .test_self_reward_dpo_trainer import pair_answers
+
+    trainer = make_trainer(
+        tmp_path, toy_model, toy_tokenizer, answer_extractor="tests.test_best_of_n:careful_steps_are_no_answer"
+    )
+    answers = pair_answers(next_pair_batch(trainer), toy_tokenizer, extractor)
+    assert any(chosen and not rejected for chosen, rejected in answers)  # the step has answer-vs-no-answer pairs
+    assert all(chosen or not rejected for chosen, rejected in answers)  # and the answer is always chosen
+
+
 def buffer_rows(trainer):
     """The stored triples, put through the trainer's own pair-batch builder (as when they are replayed)."""
     prompts, chosen, rejected, ref_chosen, ref_rejected, r_chosen, r_rejected, base_is_chosen = zip(

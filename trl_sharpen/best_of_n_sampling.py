@@ -41,10 +41,16 @@ from accelerate.utils import gather_object
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
+from .answers import get_answer_extractor
 from .data import ensure_pad_token, is_saved_dataset, model_max_length, tokenize_prompts, validate_prompt_dataset
 from .fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
 from .generation import Completions, eval_mode, generate_completions, sampling_config, seeded
-from .sampling_arguments import BestOfNSamplingArguments, check_majority_samples, sampling_arguments
+from .sampling_arguments import (
+    BestOfNSamplingArguments,
+    answer_gating_on,
+    check_majority_samples,
+    sampling_arguments,
+)
 from .self_rewards import MajorityReward, SelfReward, get_self_reward
 
 
@@ -97,9 +103,14 @@ def adaptive_stopping_index(
 
 
 def select_best(
-    rewards: Sequence[float], truncated: Sequence[bool], truncated_policy: str, truncation_penalty: float
+    rewards: Sequence[float],
+    truncated: Sequence[bool],
+    truncated_policy: str,
+    truncation_penalty: float,
+    has_answer: Sequence[bool] | None = None,
 ) -> tuple[int, list[float]]:
-    """The selected sample and the rewards after the truncation policy: complete samples first, then by reward.
+    """The selected sample and the rewards after the truncation policy: complete samples with an answer first (with
+    `has_answer`, under answer gating), then complete samples, then by reward.
 
     A truncated completion is a prefix, and log pi_base of a prefix bounds that of every completion extending it
     from above: ranked by reward alone, cut-off text would beat complete answers. So under every policy a truncated
@@ -107,16 +118,35 @@ def select_best(
     prefix by reward (it stays flagged in `truncated`), and `drop` selects none (-1). `penalize` also subtracts
     `truncation_penalty` from the stored rewards of truncated samples (for downstream use of `rewards`); it does not
     change the selection. First maximum on ties.
+
+    Answer gating (`has_answer`, see `answer_flags`) is the same rule one level up: a self-reward can be hacked by
+    text with no answer at all (an echo of the question is likely under pi_base), so a sample without an extractable
+    answer is selected only when no complete sample of the prompt has one.
     """
     rewards = [
         r - truncation_penalty if (cut and truncated_policy == "penalize") else r
         for r, cut in zip(rewards, truncated, strict=True)
     ]
     complete = [i for i, cut in enumerate(truncated) if not cut]
-    eligible = complete or ([] if truncated_policy == "drop" else list(range(len(rewards))))
+    answered = [i for i in complete if has_answer[i]] if has_answer is not None else []
+    eligible = answered or complete or ([] if truncated_policy == "drop" else list(range(len(rewards))))
     if not eligible:
         return -1, rewards
     return max(eligible, key=lambda i: rewards[i]), rewards
+
+
+def answer_flags(
+    texts: Sequence[str], truncated: Sequence[bool], answer_extractor, require_answer: bool | None
+) -> list[bool] | None:
+    """Per completion, whether it counts as having an answer under answer gating; None when gating is off
+    (`require_answer` False, or None without an `answer_extractor`: see `SamplingArguments.require_answer`).
+
+    A truncated completion never counts: the answer of a cut text may itself be cut (the "1" of "12"), and it is a
+    prefix in any case, so gating never ranks it above a complete one."""
+    if not answer_gating_on(require_answer, answer_extractor):
+        return None
+    extract = get_answer_extractor(answer_extractor)
+    return [not cut and extract(text) is not None for text, cut in zip(texts, truncated, strict=True)]
 
 
 def check_output_dir_is_not_input(output_dir: Path, prompts: Dataset) -> None:
@@ -360,6 +390,7 @@ def best_of_n(
                     batch_size=sampling.sampling_batch_size,
                     truncated_policy=sampling.truncated_completions,
                     truncation_penalty=sampling.truncation_penalty,
+                    answer_gating=(sampling.answer_extractor, sampling.require_answer),
                     adaptive_delta=sampling.adaptive_delta,
                     adaptive_round_size=sampling.adaptive_round_size,
                     base_logprobs_fn=base_logprobs_fn,
@@ -402,6 +433,7 @@ def _best_of_n_shard(
     *,
     truncated_policy: str,
     truncation_penalty: float,
+    answer_gating: tuple = (None, None),
     **sampling,
 ) -> list[dict]:
     samples = _sample(model, prompt_ids, generation_config, tokenizer=tokenizer, **sampling)
@@ -423,7 +455,10 @@ def _best_of_n_shard(
         span = slice(offset, offset + len(ids))
         offset += len(ids)
         texts = flat_texts[span]
-        selected, effective = select_best(all_rewards[span], truncated, truncated_policy, truncation_penalty)
+        has_answer = answer_flags(texts, truncated, *answer_gating)
+        selected, effective = select_best(
+            all_rewards[span], truncated, truncated_policy, truncation_penalty, has_answer
+        )
         rows.append(
             {
                 **input_rows[p],

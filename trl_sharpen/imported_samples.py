@@ -52,6 +52,7 @@ from .best_of_n_sampling import (
     BON_FEATURES,
     _quiet_datasets,
     _ShardWriter,
+    answer_flags,
     check_output_dir_is_not_input,
     select_best,
 )
@@ -294,8 +295,15 @@ def _score_and_select(model, tokenizer, rows, prepared, indices, reward, samplin
     for i in indices:
         prompt_ids, completion_ids, truncated, _ = prepared[i]
         n = len(completion_ids)
+        has_answer = answer_flags(
+            texts[offset : offset + n], truncated, sampling.answer_extractor, sampling.require_answer
+        )
         selected, rewards = select_best(
-            all_rewards[offset : offset + n], truncated, sampling.truncated_completions, sampling.truncation_penalty
+            all_rewards[offset : offset + n],
+            truncated,
+            sampling.truncated_completions,
+            sampling.truncation_penalty,
+            has_answer,
         )
         out.append(
             {

@@ -8,6 +8,10 @@ reward alone would prefer cut-off text to complete answers. Hence, in a pair:
 - a truncated sample is never chosen over a complete one (it is the rejected side whenever the prompt has one);
 - when all samples of a prompt are truncated (or all complete), they are ranked by reward alone.
 
+Answer gating (`require_answer`, given here as `has_answer`) adds one level above: a complete sample with an
+extractable answer ranks above every sample without one, so text that games the self-reward without answering (an
+echo of the question) is never the chosen side against an answer.
+
 `SelfRewardDPOTrainer._prepare_inputs` calls `select_pairs` on every process, makes the pair counts equal across
 processes with `PairSelection.first` (DPO's loss gathers per-pair tensors, which needs equal sizes), and trains on
 `PairSelection.batch_pairs`, weighted by `loss_scale`. `XPOTrainer` orients its (y, y~) pairs with the same function.
@@ -53,6 +57,7 @@ def select_pairs(
     completion_ids: Sequence[Sequence[int]] | None = None,
     ties: str = "skip",
     tie_tolerance: float = 0.0,
+    has_answer: Sequence[bool] | None = None,
 ) -> PairSelection:
     """One pair per prompt: (best, worst) of its `num_samples` samples, ranked complete-first, then by reward.
 
@@ -65,6 +70,9 @@ def select_pairs(
             or equally complete with rewards at most `tie_tolerance` apart; a complete and a truncated sample never
             tie. With `"keep"`, a prompt whose samples all rank equal pairs its first sample (chosen) with the next.
         tie_tolerance: rewards this close count as equal.
+        has_answer: under answer gating, whether each sample is complete with an extractable answer
+            (`best_of_n_sampling.answer_flags`); such a sample ranks above any other, and never ties with one.
+            None: gating off.
 
     The first maximum is chosen and the first minimum rejected, so with k = 2 and equal rewards the first sample is
     chosen (XPO's policy sample y).
@@ -78,9 +86,12 @@ def select_pairs(
     truncated = [False] * len(rewards) if truncated is None else list(truncated)
     if len(truncated) != len(rewards):
         raise ValueError(f"Got {len(truncated)} truncation flags for {len(rewards)} rewards.")
+    answered = [False] * len(rewards) if has_answer is None else [bool(flag) for flag in has_answer]
+    if len(answered) != len(rewards):
+        raise ValueError(f"Got {len(answered)} answer flags for {len(rewards)} rewards.")
 
-    def rank(i: int) -> tuple[bool, float]:
-        return (not truncated[i], float(rewards[i]))
+    def rank(i: int) -> tuple[bool, bool, float]:
+        return (answered[i], not truncated[i], float(rewards[i]))
 
     pairs, ties_skipped, fallback = [], 0, None
     for start in range(0, len(rewards), num_samples):
@@ -90,9 +101,7 @@ def select_pairs(
         if chosen == rejected:  # every sample ranks equal
             rejected = start + (chosen - start + 1) % num_samples
         same = completion_ids is not None and list(completion_ids[chosen]) == list(completion_ids[rejected])
-        tie = same or (
-            truncated[chosen] == truncated[rejected] and rewards[chosen] - rewards[rejected] <= tie_tolerance
-        )
+        tie = same or (rank(chosen)[:2] == rank(rejected)[:2] and rewards[chosen] - rewards[rejected] <= tie_tolerance)
         fallback = fallback or (chosen, rejected)
         if tie and ties == "skip":
             ties_skipped += 1

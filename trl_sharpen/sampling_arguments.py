@@ -316,7 +316,20 @@ class BestOfNSamplingArguments(SamplingArguments):
             "adaptive_round_size": self.adaptive_round_size if adaptive else None,
             "shard_size": self.shard_size,
             "seed": self.seed,
+            # the selection changes with answer gating; None when off, so results from before the setting resume
+            "answer_gating": _callable_name(self.answer_extractor)
+            if answer_gating_on(self.require_answer, self.answer_extractor)
+            else None,
         }
+
+
+def _callable_name(value) -> str:
+    """A JSON-safe name of an extractor given as a 'package.module:function' string or (from Python) a function."""
+    return (
+        value
+        if isinstance(value, str)
+        else f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', value)}"
+    )
 
 
 def sampling_arguments(cls: type, sampling=None, /, **kwargs):

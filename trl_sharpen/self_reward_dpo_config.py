@@ -10,7 +10,7 @@ from trl import DPOConfig
 from .errors import check_output_dir, check_resume_from_checkpoint
 from .monitoring import MonitoringArguments
 from .pairs import TIE_HANDLING
-from .sampling_arguments import GenerationArguments, SamplingArguments, field_like
+from .sampling_arguments import GenerationArguments, SamplingArguments, check_require_answer, field_like
 
 
 SHARPEN_LOSS = "sharpen"
@@ -64,6 +64,9 @@ class SelfRewardDPOConfig(MonitoringArguments, DPOConfig, GenerationArguments):
             `"package.module:function"` path, or a callable with TRL's reward-function protocol.
         answer_extractor (`str` or `None`, *optional*, defaults to `None`):
             For `"majority"`: `"package.module:function"` extracting the final answer.
+        require_answer (`bool` or `None`, *optional*, defaults to `None`):
+            Answer gating: a sample with no extractable answer (or a truncated one) is never the chosen side of a
+            pair against a complete sample with one. None: on exactly when `answer_extractor` is set.
         missing_eos_penalty (`float` or `None`, *optional*, defaults to `None`):
             Subtracted from the self-reward of truncated completions (as in TRL's Online DPO).
         ties (`str`, *optional*, defaults to `"skip"`):
@@ -141,6 +144,7 @@ class SelfRewardDPOConfig(MonitoringArguments, DPOConfig, GenerationArguments):
         },
     )
     answer_extractor: str | None = field_like(SamplingArguments, "answer_extractor", default=None)
+    require_answer: bool | None = field_like(SamplingArguments, "require_answer", default=None)
     missing_eos_penalty: float | None = field(
         default=None,
         metadata={
@@ -221,6 +225,7 @@ class SelfRewardDPOConfig(MonitoringArguments, DPOConfig, GenerationArguments):
         super().__post_init__()  # turns a single `loss_type` string into a list
         # temperature > 0, top_p in (0, 1], top_k >= 0, ...: the checks every sampling entry point shares
         GenerationArguments.__post_init__(self)
+        check_require_answer(self.require_answer, self.answer_extractor)
         if self.stop_strings:
             raise ValueError(
                 f"stop_strings={self.stop_strings!r} is not supported by the DPO and XPO trainers: their samples end "

@@ -31,6 +31,7 @@ from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_ge
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id, print_prompt_completions_sample, use_adapter
 
+from .best_of_n_sampling import answer_flags
 from .data import is_conversational_prompt, tokenize_prompt, validate_prompt_dataset
 from .generation import Completions, eval_mode, generate_completions, sampling_config
 from .logprobs import add_cpu_lm_head, sequence_logprobs
@@ -39,6 +40,7 @@ from .pairs import PairSelection, select_pairs
 from .paper import SHARPENING_PAPER
 from .real_models import resolve_model_name_or_path
 from .report_tables import log_table
+from .sampling_arguments import answer_gating_on
 from .self_reward_dpo_config import SHARPEN_LOSS, SelfRewardDPOConfig
 from .self_rewards import get_self_reward
 
@@ -309,6 +311,13 @@ class SelfRewardDPOTrainer(SharpeningMonitorMixin, DPOTrainer):
             loss_scale=torch.tensor(selection.loss_scale),
         )
 
+    def _answer_flags(self, samples: Completions) -> list[bool] | None:
+        """Per sample, complete with an extractable answer (answer gating, `require_answer`); None when gating is off."""
+        if not answer_gating_on(self.args.require_answer, self.args.answer_extractor):
+            return None
+        texts = self._tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+        return answer_flags(texts, samples.truncated, self.args.answer_extractor, self.args.require_answer)
+
     def _select_pairs(self, rewards: torch.Tensor, samples: Completions) -> PairSelection:
         """`select_pairs` (complete before truncated, then by reward; ties), with equal pair counts on all processes."""
         selection = select_pairs(
@@ -318,6 +327,7 @@ class SelfRewardDPOTrainer(SharpeningMonitorMixin, DPOTrainer):
             completion_ids=samples.completion_ids,
             ties=self.args.ties,
             tie_tolerance=self.args.tie_tolerance,
+            has_answer=self._answer_flags(samples),
         )
         if self.accelerator.num_processes > 1:
             # DPO's loss gathers per-pair tensors across processes (`rewards/*`, `logps/*`), which needs the same

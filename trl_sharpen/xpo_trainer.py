@@ -142,7 +142,13 @@ class XPOTrainer(SelfRewardDPOTrainer):
         rewards = self._self_rewards(inputs, samples, base_logps.flatten()).view(-1, 2)
         # The parent's pair order: a truncated sample is never chosen over a complete one, then the higher reward;
         # a tie keeps y in the chosen slot, as TRL's XPO did. Every pair is kept (`ties="keep"`).
-        selection = select_pairs(rewards.flatten().tolist(), 2, truncated=samples.truncated, ties="keep")
+        selection = select_pairs(
+            rewards.flatten().tolist(),
+            2,
+            truncated=samples.truncated,
+            ties="keep",
+            has_answer=self._answer_flags(samples),  # answer gating: no answer is never chosen over an answer
+        )
         chosen, rejected = (torch.tensor(indices) for indices in selection.batch_pairs)
         base_is_chosen = chosen % 2 == 1
         self._log_samples(inputs, samples, rewards.flatten(), selection)
