@@ -108,3 +108,49 @@ def test_eval_command_scores_a_lora_adapter_under_its_base(tmp_path, capsys):
     )
     assert torch.allclose(torch.tensor([s["base_logprob"] for s in samples]), under_base, atol=1e-3)
     assert max(abs(s["logprob"] - s["base_logprob"]) for s in samples) > 0.1
+
+
+def test_eval_command_reports_the_fields_metrics_at_both_temperatures_and_a_verdict(tmp_path, capsys):
+    main(eval_args("--num_samples", "4", "--temperature", "0.7", "--seed", "3", "--output_dir", str(tmp_path)))
+    out = capsys.readouterr().out
+    assert "the field's metrics, k = 4 samples per prompt" in out
+    (verdict,) = [line for line in out.splitlines() if line.startswith("verdict, BoN@4 by logprob - greedy: ")]
+    assert any(word in verdict for word in ("helps", "no evidence", "hurts")) and "over 12 prompts" in verdict
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    at_sampling, at_1 = report["sampled"]
+    assert (at_sampling["temperature"], at_1["temperature"], at_1["k"]) == (0.7, 1.0, 4)
+    # the sampling temperature's set is the report's own samples: avg@k, maj@k, pass@k are its other metrics
+    assert at_sampling["avg_at_k"] == pytest.approx(report["sample_accuracy"])
+    assert at_sampling["maj_at_k"] == pytest.approx(report["best_of_n"]["majority"]["4"])
+    assert at_sampling["pass_at_k"] == pytest.approx(report["pass_at_n"]["4"])
+    interval = report["bon_minus_greedy"]["logprob"]
+    assert interval["mean"] == pytest.approx(report["best_of_n"]["logprob"]["4"] - report["greedy"]["accuracy"])
+    assert interval["low"] <= interval["mean"] <= interval["high"] and interval["num_prompts"] == 12
+    assert interval["verdict"] in verdict
+    assert report["num_generated"] == 12 * (4 + 1 + 4)
+
+    # the temperature-1 set is what evaluate_sampled_accuracy measures with the same seed
+    from trl_sharpen.evaluation import evaluate_sampled_accuracy
+
+    rows = [json.loads(line) for line in open(f"{TOY_DATA_DIR}/test.jsonl")][:12]
+    direct = evaluate_sampled_accuracy(
+        AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH),
+        AutoTokenizer.from_pretrained(TOY_MODEL_PATH),
+        [r["prompt"] for r in rows],
+        [r["answer"] for r in rows],
+        num_samples=4,
+        temperature=1.0,
+        max_new_tokens=40,
+        seed=3,
+    )
+    assert (direct.avg_at_k, direct.maj_at_k, direct.pass_at_k) == pytest.approx(
+        (at_1["avg_at_k"], at_1["maj_at_k"], at_1["pass_at_k"])
+    )
+
+    # at T = 1 the samples already are the field's: no second round
+    main(
+        eval_args("--num_prompts", "4", "--num_samples", "3", "--self_rewards", "none", "--output_dir", str(tmp_path))
+    )
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["temperature"] for s in report["sampled"]] == [1.0] and report["bon_minus_greedy"] == {}

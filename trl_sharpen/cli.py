@@ -22,6 +22,7 @@ from pathlib import Path
 
 # Light imports only (standard library underneath): `trl-sharpen --help` must not load torch
 from .errors import check_model_path, check_output_dir, clear_errors
+from .output_dir import output_dir_lock
 from .real_models import ConvertArguments, resolve_model_name_or_path, run_convert
 from .sampling_arguments import BestOfNSamplingArguments, SamplingArguments, field_like
 
@@ -119,6 +120,13 @@ class EvalArguments(PromptDataArguments, ModelSourceArguments, SamplingArguments
         metadata={"help": "Write report.json, samples.jsonl and the PNG plots here (default: print only)."},
     )
     plots: bool = field(default=True, metadata={"help": "Draw the PNG plots into output_dir (needs matplotlib)."})
+    temperature_1_samples: bool = field(
+        default=True,
+        metadata={
+            "help": "When sampling at another temperature (or with top-p / top-k), also draw N samples per prompt at "
+            "temperature 1 for avg@k / maj@k / pass@k there (the field's convention); costs a second round of sampling."
+        },
+    )
 
 
 # Model loading: one place for every sub-command -----------------------------------------------------------------------
@@ -288,6 +296,7 @@ def run_eval(args: EvalArguments, model_args):
         checker=args.checker,
         base_model=base_model,
         self_rewards=self_rewards,
+        temperature_1_samples=args.temperature_1_samples,
     )
     report.model_name = path
     report.base_model_name = base_path or (f"{path} with adapters disabled" if is_adapter else path)
@@ -319,6 +328,7 @@ COMMANDS = {
     "convert": ((ConvertArguments,), run_convert),
 }
 MODEL_COMMANDS = ("bon", "eval")  # parsed with TRL's ModelConfig
+LOCKED_COMMANDS = ("bon", "eval")  # their output_dir is locked for the run (convert locks its own folders)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -350,7 +360,11 @@ def _main(argv: list[str]) -> None:
     parser = TrlParser(classes, prog=f"trl-sharpen {argv[0]}")
     if argv[0] in MODEL_COMMANDS:
         parser.set_defaults(dtype="auto")  # the checkpoint's own dtype (TRL's scripts default to float32)
-    run(*parser.parse_args_and_config(argv[1:]))
+    parsed = parser.parse_args_and_config(argv[1:])
+    output_dir = getattr(parsed[0], "output_dir", None) if argv[0] in LOCKED_COMMANDS else None
+    check_output_dir(output_dir)  # before the lock creates the folder: not '', '.', home, /, a file, unwritable
+    with output_dir_lock(output_dir):  # a second run on the same folder is refused, naming the first
+        run(*parsed)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from .data import ensure_pad_token, model_max_length, tokenize_prompts
 from .generation import eval_mode, generate_completions, sampling_config, seeded
 from .logprobs import sequence_logprobs
 from .metrics import validate_sample_count
-from .report import GreedyEvaluation, SampleSet, SharpeningReport
+from .report import GreedyEvaluation, SampledAccuracy, SampleSet, SharpeningReport
 from .sampling_arguments import SamplingArguments, sampling_arguments
 from .self_rewards import MajorityReward, SelfReward, base_scoring_context, get_self_reward
 
@@ -120,6 +120,91 @@ def evaluate_greedy(
         logprobs=greedy.logprobs,
         base_logprobs=base_logprobs,
     )
+
+
+def is_plain_temperature_1(temperature: float, top_p: float | None, top_k: int | None) -> bool:
+    """Whether samples are the model's own distribution (T = 1, no top-p / top-k), the field's avg@k convention."""
+    return temperature == 1 and (top_p is None or top_p >= 1) and not top_k
+
+
+def _sample_and_check(
+    model,
+    tokenizer,
+    prompt_ids,
+    answers,
+    checker,
+    extractor,
+    *,
+    num_samples,
+    temperature,
+    top_p,
+    top_k,
+    max_new_tokens,
+    batch_size,
+    stop_strings,
+    seed,
+    desc,
+) -> tuple[list[list[bool]], list[list[str | None]], int]:
+    """N samples per prompt from `model` (seeded), checked against the references: per-prompt correctness flags,
+    extracted answers, and the number of completions on which the checker raised."""
+    config = sampling_config(
+        model, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
+    )
+    with eval_mode(model), seeded(model, seed):
+        with tqdm(total=len(prompt_ids) * num_samples, desc=desc, unit="sample") as bar:
+            sampled = generate_completions(
+                model,
+                prompt_ids,
+                config,
+                num_samples=num_samples,
+                batch_size=batch_size,
+                progress=bar,
+                tokenizer=tokenizer,
+                stop_strings=stop_strings,
+            )
+    texts = tokenizer.batch_decode(sampled.completion_ids, skip_special_tokens=True)
+    correct, errors = check_answers(checker, texts, [answers[p] for p in sampled.prompt_index])
+    rows = range(len(prompt_ids))
+    return (
+        [correct[p * num_samples : (p + 1) * num_samples] for p in rows],
+        [[extractor(t) for t in texts[p * num_samples : (p + 1) * num_samples]] for p in rows],
+        errors,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_sampled_accuracy(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence,
+    answers: Sequence[str],
+    *,
+    num_samples: int = 8,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    checker: str | AnswerChecker | None = None,
+    answer_extractor: str | AnswerExtractor | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    stop_strings: Sequence[str] | None = None,
+    seed: int = 0,
+) -> SampledAccuracy:
+    """avg@k, maj@k and pass@k (k = `num_samples`) of the model's own samples at `temperature`: what a sharpened
+    policy does when sampled, not only greedily (a policy can raise greedy accuracy and still sample worse than the
+    base). Seeded; the caller's random state is left as it was. No scoring under pi_base: see `evaluate_sharpening`
+    for the full report."""
+    validate_sample_count(num_samples, [])
+    extractor = get_answer_extractor(answer_extractor)
+    checker = get_answer_checker(checker, extractor)
+    ensure_pad_token(tokenizer)
+    prompt_ids = tokenize_prompts(tokenizer, list(prompts), max_new_tokens, model_max_length(model))
+    correct, extracted, _ = _sample_and_check(
+        model, tokenizer, prompt_ids, list(answers), checker, extractor, num_samples=num_samples,
+        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        stop_strings=stop_strings, seed=seed, desc=f"Sampling at T={temperature:g}",
+    )  # fmt: skip
+    return SampledAccuracy.from_flags(correct, extracted, temperature, top_p, top_k)
 
 
 # Running an evaluation -----------------------------------------------------------------------------------------------
@@ -212,6 +297,7 @@ def evaluate_sharpening(
     answer_column: str = "answer",
     seed: int | None = None,
     stop_strings: Sequence[str] | None = None,
+    temperature_1_samples: bool = True,
     **sampling_kwargs,
 ) -> SharpeningReport:
     """Greedy-decode each prompt and sample N completions from `model`, then report every sharpening metric from
@@ -244,6 +330,9 @@ def evaluate_sharpening(
             settings as keyword arguments, overriding `sampling`; `max_new_tokens` and `batch_size` are the old
             names of max_completion_length and sampling_batch_size (FutureWarning).
         scoring_batch_size: sequences per forward when scoring under a separate base model.
+        temperature_1_samples: when the samples are not plain temperature-1 samples, draw N more per prompt at T = 1
+            for the field's avg@k / maj@k / pass@k at temperature 1 (`report.sampled`, next to those at the sampling
+            temperature). They cost a second round of sampling and are not scored under pi_base.
     """
     timer = {"start": time.perf_counter()}
     # One validation for every entry point: the sampling settings as a whole `SamplingArguments` (keyword arguments
@@ -396,6 +485,18 @@ def evaluate_sharpening(
         "greedy": timer["greedy"] - timer["start"],
         "sampling": timer["sampling"] - timer["greedy"],
         "scoring": timer["scoring"] - timer["sampling"],
-        "total": time.perf_counter() - timer["start"],
     }
+    if temperature_1_samples and not is_plain_temperature_1(temperature, top_p, top_k):
+        # The field reports avg@k at the sampling temperature *and* at 1: a policy sharpened at T = 0.7 can look
+        # good there and still sample worse than the base at T = 1
+        start = time.perf_counter()
+        correct_t1, answers_t1, errors_t1 = _sample_and_check(
+            model, tokenizer, prompt_ids, answers, checker, extractor, num_samples=num_samples, temperature=1.0,
+            top_p=1.0, top_k=0, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_strings=stop_strings,
+            seed=seed, desc="Sampling at T=1 for avg@k",
+        )  # fmt: skip
+        report.sampled.append(SampledAccuracy.from_flags(correct_t1, answers_t1, 1.0))
+        report.sample_checker_errors += errors_t1
+        report.wall_time_s["temperature_1_sampling"] = time.perf_counter() - start
+    report.wall_time_s["total"] = time.perf_counter() - timer["start"]
     return report

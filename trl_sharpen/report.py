@@ -13,8 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import (
+    PairedInterval,
+    avg_at_k,
     best_of_n_selection_probabilities,
+    maj_at_k,
     majority_selection_probabilities,
+    mean_pass_at_k,
+    paired_bootstrap_interval,
     pass_at_k,
     subset_sizes,
     validate_sample_count,
@@ -115,6 +120,75 @@ def sharpening_errors(samples: SampleSet) -> list[float]:
 
 
 @dataclass
+class SampledAccuracy:
+    """The field's metrics of k samples per prompt drawn at one temperature (as label-free RL papers report them):
+    `avg_at_k`, the mean accuracy of the samples; `maj_at_k`, the accuracy of each prompt's majority answer;
+    `pass_at_k`, the share of prompts with a correct sample. `temperature` None: the sampler's own settings."""
+
+    temperature: float | None
+    num_samples: int
+    avg_at_k: float
+    maj_at_k: float
+    pass_at_k: float
+    # top-p / top-k of the samples when they were on (None: plain sampling at `temperature`)
+    top_p: float | None = None
+    top_k: int | None = None
+
+    @classmethod
+    def from_flags(
+        cls,
+        correct: Sequence[Sequence[bool]],
+        answers: Sequence[Sequence[str | None]],
+        temperature: float | None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+    ) -> SampledAccuracy:
+        return cls(
+            temperature=temperature,
+            num_samples=len(correct[0]),
+            avg_at_k=avg_at_k(correct),
+            maj_at_k=maj_at_k(answers, correct),
+            pass_at_k=mean_pass_at_k(correct),
+            top_p=top_p if top_p is not None and top_p < 1 else None,
+            top_k=top_k or None,
+        )
+
+    @property
+    def label(self) -> str:
+        """ "T=0.7" (with ", top-p 0.9" / ", top-k 50" when they were on)."""
+        text = "T=?" if self.temperature is None else f"T={self.temperature:g}"
+        text += "" if self.top_p is None else f", top-p {self.top_p:g}"
+        return text + ("" if self.top_k is None else f", top-k {self.top_k}")
+
+    def to_dict(self) -> dict:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "k": self.num_samples,
+            "avg_at_k": self.avg_at_k,
+            "maj_at_k": self.maj_at_k,
+            "pass_at_k": self.pass_at_k,
+        }
+
+
+def bon_minus_greedy_intervals(
+    samples: SampleSet, greedy: GreedyEvaluation, rewards: Sequence[str], seed: int = 0
+) -> dict[str, PairedInterval]:
+    """Per self-reward, the paired bootstrap 95% interval over prompts of BoN@N accuracy (its exact expectation per
+    prompt) minus greedy correctness: the evidence that Best-of-N helps this model beyond the noise of few prompts."""
+    if len(greedy.correct) != len(samples.correct):
+        return {}
+    greedy_correct = [float(c) for c in greedy.correct]
+    intervals = {}
+    for reward in rewards:
+        weights = samples.selection_probabilities(reward, samples.num_samples)
+        per_prompt = [float(np.dot(w, np.asarray(c, dtype=np.float64))) for w, c in zip(weights, samples.correct)]
+        intervals[reward] = paired_bootstrap_interval(per_prompt, greedy_correct, seed=seed)
+    return intervals
+
+
+@dataclass
 class Selection:
     """Accuracy and mean log pi_base(y|x) of one way of answering each prompt (greedy, BoN@n, ...)."""
 
@@ -139,6 +213,10 @@ class SharpeningReport:
       `sharpening_errors`). `sharpened_fraction`: share of prompts with delta < 1/2, where the evaluated model's
       greedy decoding provably returns y* (Prop. 3.1).
     - `mean_distinct_answers`: distinct extracted answers among the N samples (None answers not counted).
+    - `sampled`: the field's avg@k / maj@k / pass@k (`SampledAccuracy`, k = N) of the samples above, then of any
+      further sample sets (e.g. at temperature 1 when the report samples at another temperature).
+    - `bon_minus_greedy[reward]`: paired bootstrap 95% interval over prompts of BoN@N accuracy - greedy accuracy, with
+      its verdict ("helps", "no evidence", "hurts"; see `bon_minus_greedy_intervals`).
     """
 
     model_name: str | None
@@ -165,6 +243,15 @@ class SharpeningReport:
     # empty when the samples carry no token ids
     mean_sample_length: float | None = None
     best_of_n_length: dict[str, dict[int, float]] = field(default_factory=dict)
+    sampled: list[SampledAccuracy] = field(default_factory=list)
+    bon_minus_greedy: dict[str, PairedInterval] = field(default_factory=dict)
+
+    def sampled_at(self, temperature: float) -> SampledAccuracy | None:
+        """The plain sample set (no top-p / top-k) drawn at `temperature`, if the report has one."""
+        for sampled in self.sampled:
+            if sampled.temperature == temperature and sampled.top_p is None and sampled.top_k is None:
+                return sampled
+        return None
 
     @property
     def ns(self) -> list[int]:
@@ -172,8 +259,8 @@ class SharpeningReport:
 
     @property
     def num_generated(self) -> int:
-        """Completions generated: N samples plus one greedy decoding per prompt."""
-        return self.num_prompts * (self.num_samples + 1)
+        """Completions generated: N samples plus one greedy decoding per prompt, and any further sample sets."""
+        return self.num_prompts * (self.num_samples + 1 + sum(s.num_samples for s in self.sampled[1:]))
 
     def best_of_n_selection(self, reward: str = "logprob", n: int | None = None) -> Selection:
         """BoN@n (default n = N) as a `Selection`, e.g. the inference-time skyline row of a benchmark table."""
@@ -225,6 +312,10 @@ class SharpeningReport:
         headroom = 1.0 - sample_accuracy
         relative_gap = {reward: (value / headroom if headroom > 0 else None) for reward, value in gap.items()}
         delta = sharpening_errors(samples)
+        settings = dict(settings or {})
+        sampled = SampledAccuracy.from_flags(
+            samples.correct, samples.answers, settings.get("temperature"), settings.get("top_p"), settings.get("top_k")
+        )
         return cls(
             model_name=model_name,
             base_model_name=base_model_name,
@@ -243,11 +334,13 @@ class SharpeningReport:
             mean_distinct_answers=float(np.mean([len({a for a in row if a is not None}) for row in samples.answers])),
             truncated_fraction=float(np.mean([np.mean(row) for row in samples.truncated])),
             sample_checker_errors=samples.checker_errors,
-            settings=dict(settings or {}),
+            settings=settings,
             wall_time_s=dict(wall_time_s or {}),
             samples=samples,
             mean_sample_length=None if lengths is None else float(np.mean([row.mean() for row in lengths])),
             best_of_n_length=best_of_n_length,
+            sampled=[sampled],
+            bon_minus_greedy=bon_minus_greedy_intervals(samples, greedy, [r for r in best_of_n if num_samples in ns]),
         )
 
     def to_dict(self) -> dict:
@@ -282,6 +375,18 @@ class SharpeningReport:
             "mean_sample_length": self.mean_sample_length,
             "best_of_n_length": {reward: by_n(curve) for reward, curve in self.best_of_n_length.items()},
             "sample_checker_errors": self.sample_checker_errors,
+            "sampled": [sampled.to_dict() for sampled in self.sampled],
+            "bon_minus_greedy": {
+                reward: {
+                    "mean": interval.mean,
+                    "low": interval.low,
+                    "high": interval.high,
+                    "confidence": interval.confidence,
+                    "num_prompts": interval.num_prompts,
+                    "verdict": interval.verdict,
+                }
+                for reward, interval in self.bon_minus_greedy.items()
+            },
             "num_generated": self.num_generated,
             "settings": self.settings,
             "wall_time_s": self.wall_time_s,
@@ -446,4 +551,31 @@ def format_report(report: SharpeningReport) -> str:
                 + (f"{lift.accuracy_lift_pct:+.1f}%" if lift.accuracy_lift_pct is not None else "-").rjust(22)
                 + _fmt(selection.mean_base_logprob).rjust(18)
             )
+    lines += format_field_metrics(report)
     return "\n".join(lines)
+
+
+def format_field_metrics(report: SharpeningReport) -> list[str]:
+    """The field's metrics (greedy, then avg@k / maj@k / pass@k per sample set) and one verdict line per self-reward
+    for BoN@N - greedy."""
+    if not report.sampled:
+        return []
+    label_width = max(len("greedy decoding"), *(len(s.label) for s in report.sampled)) + 4
+    header = "samples".ljust(label_width) + "".join(name.rjust(9) for name in ("greedy", "avg@k", "maj@k", "pass@k"))
+    lines = ["", f"the field's metrics, k = {report.num_samples} samples per prompt", header, "-" * len(header)]
+    lines.append("greedy decoding".ljust(label_width) + _fmt(report.greedy.accuracy).rjust(9))
+    for sampled in report.sampled:
+        lines.append(
+            sampled.label.ljust(label_width)
+            + "".rjust(9)
+            + "".join(_fmt(v).rjust(9) for v in (sampled.avg_at_k, sampled.maj_at_k, sampled.pass_at_k))
+        )
+    if report.bon_minus_greedy:
+        lines.append("")
+    for reward, interval in report.bon_minus_greedy.items():
+        lines.append(
+            f"verdict, BoN@{report.num_samples} by {reward} - greedy: {interval.verdict} "
+            f"({interval.mean:+.3f}, paired bootstrap {100 * interval.confidence:g}% interval "
+            f"[{interval.low:+.3f}, {interval.high:+.3f}] over {interval.num_prompts} prompts)"
+        )
+    return lines
