@@ -154,7 +154,10 @@ def test_arithmetic_answers_digits_and_disjoint_splits(level):
         a, op, b = re.search(r"What is (\d+) ([+*]) (\d+)\?", prompt_text(row)).groups()
         assert (int(a), int(b)) == (row["a"], row["b"]) and op == spec.operator
         assert int(row["answer"]) == (int(a) + int(b) if op == "+" else int(a) * int(b))
-        assert (len(a), len(b)) == (spec.digits_a, spec.digits_b)
+        if spec.up_to:  # operands of at most so many digits
+            assert len(a) <= spec.digits_a and len(b) <= spec.digits_b
+        else:
+            assert (len(a), len(b)) == (spec.digits_a, spec.digits_b)
     pairs = lambda rows: {(r["a"], r["b"]) for r in rows}  # noqa: E731
     assert len(pairs(splits["test"])) == 30 and len(pairs(splits["train"])) == 60
     assert not pairs(splits["test"]) & pairs(splits["train"])
@@ -224,7 +227,24 @@ def test_cli_writes_jsonl_splits(tmp_path, capsys):
 SHIPPED = {
     "arithmetic_add1_chat": ("arithmetic", dict(level="add1", form="chat", num_train=60, num_test=40)),
     "prontoqa_chat": ("prontoqa", dict(form="chat", num_train=200, num_test=200)),
+    "arithmetic_add_upto2x1_chat": (
+        "arithmetic",
+        dict(level="add_upto2x1", form="chat", num_train=400, num_test=200),
+    ),
 }
+
+
+def test_widened_addition_has_200_test_prompts_disjoint_from_train():
+    """Setting (a) of the real-model table: 1-digit addition widened so that 200 test prompts are 200 distinct problems
+    that no train prompt repeats (one prompt is 0.005, not add1's 0.025)."""
+    splits = generate_task("arithmetic", **SHIPPED["arithmetic_add_upto2x1_chat"][1])
+    test = {(r["a"], r["b"]) for r in splits["test"]}
+    train = {(r["a"], r["b"]) for r in splits["train"]}
+    assert len(test) == 200 and len(train) == 400 and not test & train
+    assert {prompt_text(r) for r in splits["test"]}.isdisjoint(prompt_text(r) for r in splits["train"])
+    assert all(0 <= a <= 99 and 0 <= b <= 9 for a, b in test | train)
+    assert any(a <= 9 for a, _ in test) and any(a >= 10 for a, _ in test)  # both 1+1 and 2+1 digit sums
+    assert len(arithmetic.LEVELS["add_upto2x1"].problems()) == 1000
 
 
 @pytest.mark.parametrize("folder", list(SHIPPED))

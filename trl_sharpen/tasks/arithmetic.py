@@ -1,7 +1,8 @@
 """Arithmetic of graded difficulty: `a + b` and `a * b` with a fixed number of digits per operand.
 
-Levels (`LEVELS`), easiest first: `add1` (1-digit + 1-digit), `add2`, `add3`, `mul1` (1-digit x 1-digit), `mul2x1`
-(2-digit x 1-digit), `mul2` (2-digit x 2-digit). The problems of a level are all ordered pairs (a, b) in its digit
+Levels (`LEVELS`), easiest first: `add1` (1-digit + 1-digit), `add_upto2x1` (a + b with a of at most 2 digits and b
+of 1: add1 widened to 1,000 problems, so 200 test prompts fit beside a train split), `add2`, `add3`, `mul1` (1-digit x
+1-digit), `mul2x1` (2-digit x 1-digit), `mul2` (2-digit x 2-digit). The problems of a level are all ordered pairs (a, b) in its digit
 range; they are shuffled with the seed and cut into disjoint train and test splits, so no test question (nor its
 few-shot examples) appears in the train split. The few-shot examples of every prompt are drawn from the train split.
 
@@ -27,9 +28,11 @@ class Level:
     operator: str
     digits_a: int
     digits_b: int
+    # Operands of fewer digits too (0 .. 10**digits - 1), e.g. add_upto2x1's first operand 0..99
+    up_to: bool = False
 
     def operands(self, digits: int) -> range:
-        return range(0 if digits == 1 else 10 ** (digits - 1), 10**digits)
+        return range(0 if digits == 1 or self.up_to else 10 ** (digits - 1), 10**digits)
 
     def problems(self) -> list[tuple[int, int]]:
         return [(a, b) for a in self.operands(self.digits_a) for b in self.operands(self.digits_b)]
@@ -40,6 +43,7 @@ class Level:
 
 LEVELS = {
     "add1": Level("+", 1, 1),
+    "add_upto2x1": Level("+", 2, 1, up_to=True),  # 0-99 + 0-9: contains add1's 100 problems
     "add2": Level("+", 2, 2),
     "add3": Level("+", 3, 3),
     "mul1": Level("*", 1, 1),
