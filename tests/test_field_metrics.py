@@ -126,3 +126,17 @@ def test_interval_verdict_bounds():
     assert interval_verdict(0.01, 0.2) == "helps"
     assert interval_verdict(-0.2, -0.01) == "hurts"
     assert interval_verdict(-0.1, 0.1) == interval_verdict(0.0, 0.1) == interval_verdict(-0.1, 0.0) == "no evidence"
+
+
+def test_random_control_reward_is_uniform_seeded_and_blind_to_the_completion():
+    from trl_sharpen.self_rewards import get_self_reward
+
+    reward = get_self_reward("random", tokenizer=None, answer_extractor=None)
+    completions = ["7", "7", "I do not know"] * 200
+    values = reward(["What is 3 + 4?"] * len(completions), completions, [[1]] * len(completions))
+    assert all(0 <= v < 1 for v in values) and abs(np.mean(values) - 0.5) < 0.05
+    # the same completion gets different rewards, and a new reward with the same seed repeats the draws
+    assert values[0] != values[1]
+    again = get_self_reward("random")(["q"] * len(completions), completions, [[1]] * len(completions))
+    assert again == values
+    assert get_self_reward("random", seed=1)(["q"], ["7"], [[1]]) != values[:1]

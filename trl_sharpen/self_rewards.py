@@ -238,3 +238,24 @@ def check_rewards(name: str, rewards, expected: int) -> list[float]:
             )
         out.append(float(value))
     return out
+
+
+# A control, not a self-reward ----------------------------------------------------------------------------------------
+
+
+@register_self_reward("random")
+class RandomControlReward(SelfReward):
+    """CONTROL ONLY, not a sharpening signal: a number drawn uniformly from [0, 1) for each completion, whatever it
+    says. Training on it shows what the training procedure alone does to a model: the spurious-rewards literature
+    (Shao et al. 2025, "Spurious Rewards: Rethinking Training Signals in RLVR") reports gains from random rewards on
+    some models, so a sharpening claim must beat this control (`benchmarks/real_model_table.py` runs it). Seeded
+    (`seed`, default 0): the same run draws the same rewards."""
+
+    def __init__(self, seed: int = 0, **kwargs):
+        import random
+
+        super().__init__(**kwargs)
+        self.generator = random.Random(seed)
+
+    def score(self, prompts, completions, completion_ids, base_logprobs=None, group_ids=None, **kwargs):
+        return [self.generator.random() for _ in completion_ids]
