@@ -9,13 +9,28 @@ Select one by name from Python or YAML (`self_reward: logprob`), or pass any cal
 | `majority`           | fraction of this prompt's N samples whose extracted answer equals this sample's answer        |
 |                      | (self-consistency, a sample estimate of sum over y' with y'_ans = y_ans of pi_base(y'|x))     |
 
+| `self_certainty`     | mean over y's tokens of logsumexp(z) - mean(z), z the *current policy's* logits at T=1      |
+|                      | (Intuitor; one no-grad policy forward per completion)                                       |
+| `negative_entropy`   | minus the mean over y's tokens of the current policy's next-token entropy (RENT; same cost) |
+
+The best way to train with them online is `SelfRewardGRPOTrainer` / `SelfRewardRLOOTrainer`
+(`trl_sharpen.self_reward_rl_trainer`): they take log pi_base from TRL's own reference pass when it computes it
+(beta > 0 at temperature 1: no extra forward), otherwise from one shared-prompt pass of pi_base (with PEFT: the
+adapter-disabled policy, no copy), and vote `majority` over whole groups across processes.
+
 Every self-reward is also a TRL reward function, `f(prompts, completions, completion_ids, **kwargs) -> list[float]`,
-so it plugs into `GRPOTrainer(reward_funcs=[...])` or `RLOOTrainer`. Inside trl_sharpen the base log-probabilities
-are passed in (`base_logprobs=`), usually for free from generation; as a TRL reward function, `logprob` and
-`normalized_logprob` score with the `model` they were built with:
+so it still plugs into TRL's own `GRPOTrainer(reward_funcs=[...])` or `RLOOTrainer`. Inside trl_sharpen the base
+log-probabilities are passed in (`base_logprobs=`), usually for free from generation; as a TRL reward function,
+`logprob` and `normalized_logprob` score with the `model` they were built with:
 
     >>> reward = get_self_reward("logprob", model=base_model, tokenizer=tokenizer)
     >>> trainer = GRPOTrainer(model=policy, reward_funcs=[reward], ...)
+
+That costs a second full copy of the base model in memory and one extra forward per completion (even when TRL's
+reference pass, beta > 0, already computed the same log-probs); the trainers above avoid both. Used this way,
+`majority` gathers each step's completions from all processes before voting (TRL splits a prompt's group across
+processes), so every call must be made on every process, as TRL's trainers do; `self_certainty` and
+`negative_entropy` must be built with `model=` the policy being trained (the same object, not a copy).
 
 A user callable follows TRL's protocol and may take `base_logprobs` (one float per completion) and `group_ids` (the
 same id for completions of the same prompt) as keyword arguments; naming `base_logprobs` in its signature asks for them.
@@ -31,7 +46,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate import PartialState
+from accelerate.utils import gather_object, is_peft_model
 
 from .answers import AnswerExtractor, get_answer_extractor, load_callable
 from .data import prompt_key, tokenize_prompt
@@ -72,6 +88,12 @@ class SelfReward:
     name: str = "self_reward"
     # Whether `score` needs log pi_base(y|x) of each completion
     requires_base_logprobs: bool = False
+    # Whether `score` needs the current policy's per-completion token statistics (`policy_statistics=` keyword:
+    # {"self_certainty": [...], "entropy": [...]}, see trl_sharpen.policy_statistics)
+    requires_policy_statistics: bool = False
+    # Whether a completion's reward depends on the other completions of its prompt (then, called by TRL with no
+    # `group_ids` on several processes, the completions are gathered from every process before scoring)
+    group_level: bool = False
 
     def __init__(self, model=None, tokenizer=None, micro_batch_size: int = 16):
         self.model = model
@@ -95,13 +117,60 @@ class SelfReward:
 
     def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
         base_logprobs = kwargs.pop("base_logprobs", None)
-        group_ids = kwargs.pop("group_ids", None) or group_ids_of(prompts)
+        group_ids = kwargs.pop("group_ids", None)
         if self.requires_base_logprobs and base_logprobs is None:
             base_logprobs = self.base_logprobs(prompts, completion_ids)
+        if self.requires_policy_statistics and kwargs.get("policy_statistics") is None:
+            kwargs["policy_statistics"] = self.policy_statistics(prompts, completion_ids)
         if isinstance(completions[0], list):  # conversational completions: score the assistant text
             completions = [c[-1]["content"] if c else "" for c in completions]
+        if group_ids is None and self.group_level and PartialState().num_processes > 1:
+            # Called by TRL's GRPOTrainer / RLOOTrainer, which may split a prompt's completions across processes
+            return self._score_gathered(prompts, completions, completion_ids, base_logprobs, **kwargs)
+        group_ids = group_ids or group_ids_of(prompts)
         rewards = self.score(prompts, completions, completion_ids, base_logprobs, group_ids, **kwargs)
         return check_rewards(self.name, rewards, len(completion_ids))
+
+    def _score_gathered(self, prompts, completions, completion_ids, base_logprobs, **kwargs) -> list[float]:
+        """Score this step's completions of all processes together (the same result on every process; each keeps its
+        own rows). Equal prompts form one group, as on one process."""
+        local = len(completion_ids)
+        sizes = gather_object([local])
+        offset = sum(sizes[: PartialState().process_index])
+        columns = {
+            "prompts": list(prompts),
+            "completions": list(completions),
+            "ids": [list(i) for i in completion_ids],
+        }
+        if base_logprobs is not None:
+            columns["base"] = [float(v) for v in base_logprobs]
+        for key, value in list(kwargs.items()):
+            if isinstance(value, list) and len(value) == local:
+                columns[f"kw:{key}"] = value
+        gathered = {key: gather_object(value) for key, value in sorted(columns.items())}
+        extra = {key: value for key, value in kwargs.items() if f"kw:{key}" not in columns and key != "log_extra"}
+        extra.update({key[3:]: value for key, value in gathered.items() if key.startswith("kw:")})
+        rewards = self.score(
+            gathered["prompts"], gathered["completions"], gathered["ids"], gathered.get("base"),
+            group_ids_of(gathered["prompts"]), **extra,
+        )  # fmt: skip
+        rewards = check_rewards(self.name, rewards, len(gathered["ids"]))
+        return rewards[offset : offset + local]
+
+    def policy_statistics(self, prompts, completion_ids) -> dict[str, list[float]]:
+        if self.model is None or self.tokenizer is None:
+            raise ValueError(
+                f"The `{self.name}` self-reward reads the current policy's logits: as a TRL reward function build it "
+                f"with get_self_reward({self.name!r}, model=policy, tokenizer=tokenizer), the model being trained "
+                "(or use SelfRewardGRPOTrainer, which needs neither)."
+            )
+        from .policy_statistics import completion_token_statistics
+
+        prompt_ids = [tokenize_prompt(self.tokenizer, p) for p in prompts]
+        statistics = completion_token_statistics(
+            self.model, prompt_ids, completion_ids, micro_batch_size=self.micro_batch_size
+        )
+        return {key: value.tolist() for key, value in statistics.items()}
 
     def base_logprobs(self, prompts, completion_ids) -> list[float]:
         if self.model is None or self.tokenizer is None:
@@ -149,6 +218,7 @@ class MajorityReward(SelfReward):
     """
 
     min_samples = MAJORITY_MIN_SAMPLES
+    group_level = True
 
     def __init__(self, answer_extractor: str | AnswerExtractor | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -176,6 +246,29 @@ class MajorityReward(SelfReward):
         ]
 
 
+@register_self_reward("self_certainty")
+class SelfCertaintyReward(SelfReward):
+    """Intuitor's self-certainty (Zhao et al. 2025): the mean over y's tokens of logsumexp(z) - mean(z), z the current
+    policy's next-token logits at temperature 1 (KL(U || pi(.|x, y_<t)) + log V). Higher: a more peaked policy.
+    Costs one no-grad forward of the policy per completion."""
+
+    requires_policy_statistics = True
+
+    def score(self, prompts, completions, completion_ids, base_logprobs=None, group_ids=None, **kwargs):
+        return [float(v) for v in kwargs["policy_statistics"]["self_certainty"]]
+
+
+@register_self_reward("negative_entropy")
+class NegativeEntropyReward(SelfReward):
+    """RENT (Prabhudesai et al. 2025): minus the mean over y's tokens of the current policy's next-token entropy at
+    temperature 1. Costs one no-grad forward of the policy per completion."""
+
+    requires_policy_statistics = True
+
+    def score(self, prompts, completions, completion_ids, base_logprobs=None, group_ids=None, **kwargs):
+        return [-float(v) for v in kwargs["policy_statistics"]["entropy"]]
+
+
 class CallableReward(SelfReward):
     """A user function following TRL's reward protocol; `base_logprobs` are passed when its signature names them."""
 
@@ -185,6 +278,7 @@ class CallableReward(SelfReward):
         self.name = getattr(function, "__name__", type(function).__name__)
         parameters = inspect.signature(function).parameters
         self.requires_base_logprobs = "base_logprobs" in parameters
+        self.group_level = "group_ids" in parameters  # it reads the groups: gather them whole
 
     def score(self, prompts, completions, completion_ids, base_logprobs=None, group_ids=None, **kwargs):
         if base_logprobs is not None:
