@@ -28,8 +28,7 @@ def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
     import threading
 
     monkeypatch.setenv(real_models.CACHE_ENV, str(tmp_path / "cache"))
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"not really a model")
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", value=1.0)
     calls = []
 
     def fake_convert(path, output_dir, source=None):  # the real one needs a real GGUF and a minute
@@ -50,8 +49,22 @@ def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
         thread.join()
     assert len(calls) == 1 and len(set(results)) == 1
     assert Path(results[0]).name.startswith("tiny-") and Path(results[0]).parent == tmp_path / "cache"
-    gguf.write_bytes(b"another model")
+    write_tiny_gguf(gguf, value=2.0)
     assert resolve_model_name_or_path(str(gguf)) != results[0] and len(calls) == 2
+
+
+def write_tiny_gguf(path, value=1.0):
+    """A well-formed GGUF file with one small tensor (not a model: enough for the file checks and the cache keys)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("weight", np.full((16, 16), value, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def naive_logprobs(model, prompts, completions):
@@ -120,8 +133,9 @@ def test_resolution_and_convert_command(smollm2_path, capsys):
     cli_main(["convert", "smollm2-135m-instruct"])
     out = capsys.readouterr().out.splitlines()
     assert out[0] == smollm2_path and "reused" in out[1]
-    with pytest.raises(SystemExit, match="neither a .gguf file nor a model package"):
+    with pytest.raises(SystemExit):
         cli_main(["convert", "not-a-model"])
+    assert "trl-sharpen: error: 'not-a-model' is neither a .gguf file nor a model package" in capsys.readouterr().err
 
 
 @real_model

@@ -49,10 +49,13 @@ def clear_errors(prog: str = "trl-sharpen", argv: list[str] | None = None):
 
 
 def check_output_dir(path: str | os.PathLike | None, option: str = "output_dir") -> None:
-    """Refuse, before any work, an output directory that is a file or cannot be written (probed by creating a file:
-    permission bits do not tell for root or read-only mounts)."""
+    """Refuse, before any work, an output directory that is the current directory (or above it, home, /), a file, or
+    cannot be written (probed by creating a file: permission bits do not tell for root or read-only mounts)."""
     if path is None:
         return
+    from .output_dir import check_safe_output_dir
+
+    check_safe_output_dir(path, option)  # not '', '.', a folder above it, home or /
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {path} is a file, not a directory: pass a folder path (it is created if missing).")

@@ -25,18 +25,20 @@ model is `<name>-<first 12 hex digits of the GGUF file's SHA-256>`, so a differe
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
+
+from .output_dir import check_safe_output_dir, file_lock
 
 
 CACHE_ENV = "TRL_SHARPEN_MODELS_CACHE"
@@ -133,16 +135,86 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def _lock(path: Path):
+def _lock(path: Path, what: str = ""):
     """An exclusive lock file shared by every process on this machine (ranks of `accelerate launch` included):
-    the first converts, the others wait and then find the finished folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    the first converts, the others wait (saying whom they wait for) and then find the finished folder."""
+    with _cache_errors(path), file_lock(path, wait=True, what=what):
+        yield
+
+
+@contextlib.contextmanager
+def _cache_errors(path: Path):
+    """An OSError on a path under the cache folder set by TRL_SHARPEN_MODELS_CACHE says where the path came from."""
+    try:
+        yield
+    except OSError as error:
+        cache = cache_dir()
+        if os.environ.get(CACHE_ENV) and (path == cache or cache in path.parents):
+            raise OSError(
+                f"{error} (the model cache folder {cache} comes from {CACHE_ENV}: point it at a folder you can write "
+                "to, or unset it)"
+            ) from error
+        raise
+
+
+def check_gguf(path: str | os.PathLike) -> None:
+    """Refuse a file that is not a whole GGUF file (not GGUF, truncated, a header without tensors), naming it,
+    before transformers fails on it with a numpy or struct error."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ValueError(
+            f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'): pass a .gguf model file."
+        )
+    _require_gguf()
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as error:  # noqa: BLE001 (the parser fails with numpy, struct or index errors, none of them named)
+        raise ValueError(
+            f"{path} is a damaged or truncated GGUF file ({type(error).__name__}: {error}): download or copy it again."
+        ) from error
+    if len(reader.tensors) == 0:
+        raise ValueError(f"{path} holds a GGUF header but no tensors (a truncated file?): download or copy it again.")
+
+
+CONVERTED_NAMES = re.compile(
+    r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|tokenizer.*|"
+    r"special_tokens_map\.json|chat_template\.jinja|added_tokens\.json|vocab\.json|merges\.txt|"
+    + re.escape(DONE_FILE)
+    + r")$"
+)
+
+
+def check_replaceable(folder: Path) -> None:
+    """Only a folder that holds a previous conversion, and nothing else, may be replaced by a new one; an empty or
+    missing folder may be written. Anything else is the user's: refuse."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"output_dir {folder} is a file, not a directory: pass a folder path.")
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return
+    if DONE_FILE not in entries:
+        raise ValueError(
+            f"output_dir {folder} already holds files that are not a conversion ({', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}): convert never replaces a folder it did not write. Pass a new "
+            "or empty folder."
+        )
+    try:
+        written = set(json.loads((folder / DONE_FILE).read_text()).get("files") or [])
+    except (OSError, ValueError, AttributeError):
+        written = set()
+    foreign = [name for name in entries if name not in written and not CONVERTED_NAMES.match(name)]
+    if foreign:
+        raise ValueError(
+            f"output_dir {folder} holds a previous conversion plus files it did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): replacing it would delete them. Move them out, or pass another "
+            "folder."
+        )
 
 
 def is_converted(folder: str | os.PathLike, sha256: str | None = None) -> bool:
@@ -199,8 +271,9 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike, so
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     del gguf_model
 
+    check_replaceable(output_dir)  # again, under the lock, right before writing
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, left by an interrupted run with this pid
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     seconds = time.perf_counter() - start
@@ -212,11 +285,16 @@ def convert_gguf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike, so
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": "float32",
         "seconds": round(seconds, 1),
+        "files": sorted([p.name for p in tmp.iterdir()] + [DONE_FILE]),  # what a later replacement may delete
     }
     (tmp / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    if output_dir.exists():  # an interrupted or explicitly replaced conversion
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    old = None
+    if output_dir.exists() and any(output_dir.iterdir()):  # a previous conversion (checked): moved aside, then removed
+        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
+        os.replace(output_dir, old)
+    os.replace(tmp, output_dir)  # rename(2) also replaces an empty folder
+    if old is not None:
+        shutil.rmtree(old)
     return output_dir
 
 
@@ -241,18 +319,23 @@ def convert(name_or_path: str, output_dir: str | os.PathLike | None = None) -> C
             sha = file_sha256(gguf)
     else:
         gguf = Path(name_or_path).expanduser()
+        if gguf.suffix.lower() == ".gguf" and not gguf.exists():
+            raise FileNotFoundError(f"The GGUF file {name_or_path} does not exist: check the path.")
         if gguf.suffix.lower() != ".gguf" or not gguf.is_file():
             raise FileNotFoundError(f"{name_or_path!r} is neither a .gguf file nor a model package ({_known()}).")
+        check_gguf(gguf)
         # a bundled model's own file shares its package's folder name (and so its cached folder)
         name = next((n for n, spec in PACKAGES.items() if spec.gguf_name == gguf.name), gguf.stem.lower())
         sha = file_sha256(gguf)
     folder = Path(output_dir) if output_dir is not None else cache_dir() / f"{name}-{sha[:12]}"
     if is_converted(folder, sha):
         return Converted(folder, time.perf_counter() - start, cached=True)
-    with _lock(folder.parent / f".{folder.name}.lock"):
+    check_replaceable(folder)  # before the minutes of conversion: a folder of the user's is never replaced
+    with _lock(folder.parent / f".{folder.name}.lock", what=f" (converting {name_or_path} into {folder})"):
         if is_converted(folder, sha):  # another process finished it while we waited
             return Converted(folder, time.perf_counter() - start, cached=True)
         gguf = gguf if gguf is not None else locate_gguf(name)
+        check_gguf(gguf)
         print(f"Converting {gguf} to a float32 checkpoint in {folder} (once) ...", file=sys.stderr, flush=True)
         convert_gguf(gguf, folder, source=name_or_path)
     seconds = time.perf_counter() - start
@@ -305,11 +388,13 @@ class ConvertArguments:
 
 def run_convert(args: ConvertArguments) -> Path:
     if not is_real_model_reference(args.model):
-        raise SystemExit(f"error: {args.model!r} is neither a .gguf file nor a model package ({_known()}).")
+        raise ValueError(f"{args.model!r} is neither a .gguf file nor a model package ({_known()}).")
     if short_name(args.model) is not None and not package_installed(args.model):
-        raise SystemExit(
-            f"error: the package for {args.model!r} is not installed: {PACKAGES[short_name(args.model)].pip}"
+        raise ModuleNotFoundError(
+            f"The package for {args.model!r} is not installed: {PACKAGES[short_name(args.model)].pip}"
         )
+    if args.output_dir is not None:
+        check_safe_output_dir(args.output_dir)  # '' is '.': never the folder the user works in
     result = convert(args.model, args.output_dir)
     state = "already converted, reused" if result.cached else "converted"
     print(f"{result.path}\n{state} in {result.seconds:.1f} s")

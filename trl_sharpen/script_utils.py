@@ -5,9 +5,14 @@ tokenizer -> data -> trainer -> report callback -> train -> save, with the steps
 from __future__ import annotations
 
 import argparse
+import atexit
+import dataclasses
 import functools
+import json
 import logging
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import transformers
 from datasets import DatasetDict, load_dataset
@@ -16,9 +21,11 @@ from trl import ScriptArguments
 
 from .answers import answers_match, get_answer_extractor
 from .callbacks import GreedyReportCallback
-from .data import as_prompt_dataset, check_dataset_path, ensure_pad_token, is_saved_dataset
+from .checkpoints import check_resume_checkpoint, resolve_resume_value
+from .data import as_prompt_dataset, check_dataset_path, ensure_pad_token, is_saved_dataset, load_prompts
 from .distributed import print_rank_summary
-from .errors import check_model_path
+from .errors import check_model_path, check_output_dir
+from .output_dir import acquire_output_dir
 from .real_models import resolve_model_name_or_path
 from .sampling_arguments import warn_deprecated
 from .toy import TOY_DATA_DIR, TOY_MODEL_PATH
@@ -50,6 +57,14 @@ class SharpenScriptArguments(ScriptArguments):
     eval_max_completion_length: int = field(
         default=64, metadata={"help": "Generation length of the greedy evaluation. Formerly `eval_max_new_tokens`."}
     )
+    report_num_samples: int = field(
+        default=8,
+        metadata={
+            "help": "Before and after training, also sample the policy k times per test prompt at the run's "
+            "temperature and at 1, and print the field's avg@k, maj@k and pass@k (0: greedy only). Costs k sampled "
+            "completions per prompt and temperature, twice."
+        },
+    )
     prompt_column: str = field(
         default="prompt",
         metadata={"help": "Column holding the prompts, renamed to `prompt` (e.g. `question` for openai/gsm8k)."},
@@ -66,6 +81,14 @@ class SharpenScriptArguments(ScriptArguments):
         metadata={
             "help": "The reference answers are worked solutions (openai/gsm8k: '... #### 72'): compare against the "
             "final answer extracted from them (last \\boxed{} or last number)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an output_dir that holds another run's checkpoints or model (other arguments): its "
+            "checkpoint-<step> folders are deleted first. Without it such a folder is refused (resume it with "
+            "--resume_from_checkpoint true instead)."
         },
     )
     # Old names, hidden from --help, still read (with a FutureWarning)
@@ -88,6 +111,13 @@ def load_prompt_datasets(script_args: SharpenScriptArguments) -> DatasetDict:
         from datasets import load_from_disk
 
         dataset = load_from_disk(script_args.dataset_name)
+    elif Path(script_args.dataset_name).expanduser().is_file():
+        # One file (.jsonl, .csv, ...) is the train split, read as `trl-sharpen bon` / `eval` read it (`load_dataset`
+        # on a file path looks for a folder of data files and finds none)
+        prompts = load_prompts(
+            str(Path(script_args.dataset_name).expanduser()), prompt_column=script_args.prompt_column
+        )
+        dataset = DatasetDict({script_args.dataset_train_split: prompts})
     else:
         check_dataset_path(script_args.dataset_name)  # a missing or empty local file: say so, do not ask the Hub
         dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
@@ -120,15 +150,95 @@ def add_greedy_report(trainer, dataset: DatasetDict, script_args: SharpenScriptA
             max_new_tokens=script_args.eval_max_completion_length,
             checker=functools.partial(answers_match, extractor=extractor),
             name=split,
+            # the policy's own samples, at the run's sampling temperature and at the field's T = 1
+            num_samples=script_args.report_num_samples,
+            temperatures=(getattr(trainer.args, "temperature", 1.0), 1.0),
+            answer_extractor=extractor,
+            seed=trainer.args.seed,
         )
     )
 
 
-def setup_run(training_args) -> None:
-    """Seed and logging, as TRL's example scripts do."""
+def setup_run(training_args, script_args=None, model_args=None) -> None:
+    """Seed and logging, as TRL's example scripts do, then claim the output_dir (`claim_output_dir`)."""
     transformers.set_seed(training_args.seed)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    claim_output_dir(training_args, script_args, model_args)
+
+
+RUN_FILE = "_trl_sharpen_run.json"  # the arguments of the run that wrote output_dir (`_`: not pushed to the Hub)
+# Settings that may change between a run and its continuation without making it another run
+_NOT_RUN_ARGUMENTS = {
+    "output_dir", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir", "run_name", "report_to",
+    "push_to_hub", "hub_model_id", "hub_token", "hub_strategy", "hub_private_repo", "local_rank", "dataloader_num_workers",
+    "logging_steps", "disable_tqdm", "log_level", "log_level_replica", "eval_steps", "save_steps", "save_total_limit",
+}  # fmt: skip
+
+
+def run_arguments(*arguments) -> dict:
+    """The settings that define a run, as JSON values (each dataclass's fields, minus `_NOT_RUN_ARGUMENTS`)."""
+    values = {}
+    for value in arguments:
+        if value is None:
+            continue
+        fields = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+        for key, item in fields.items():
+            if key not in _NOT_RUN_ARGUMENTS and not key.startswith("_"):
+                values[key] = json.loads(json.dumps(item, default=repr))
+    return values
+
+
+def _holds_results(folder: Path) -> list[str]:
+    """What in `folder` is a trained result another run would overwrite: checkpoints and a saved model."""
+    found = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
+    found += [name for name in ("model.safetensors", "adapter_model.safetensors") if (folder / name).is_file()]
+    return found
+
+
+def claim_output_dir(training_args, script_args=None, model_args=None) -> None:
+    """Before anything is loaded: refuse an unsafe output_dir ('', '.', home, /), lock it for this run (a second run
+    on it is refused, naming this one), and refuse a folder holding another run's checkpoints or model written with
+    other arguments unless this run resumes it (`resume_from_checkpoint`) or overwrites it (`overwrite_output_dir`).
+    The run's arguments are then recorded in `<output_dir>/_trl_sharpen_run.json`."""
+    check_output_dir(training_args.output_dir)
+    atexit.register(acquire_output_dir(training_args.output_dir))
+    if not training_args.process_index == 0:
+        return
+    folder = Path(training_args.output_dir)
+    resume = resolve_resume_value(training_args.resume_from_checkpoint, folder)  # `true`: there must be one
+    overwrite = bool(getattr(script_args, "overwrite_output_dir", False))
+    current = run_arguments(script_args, training_args, model_args)
+    results = _holds_results(folder)
+    if results and resume is None:
+        try:
+            previous = json.loads((folder / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            previous = None
+        changed = {}
+        if previous is not None:
+            changed = {k: (previous.get(k), v) for k, v in current.items() if k in previous and previous[k] != v}
+        if overwrite:
+            for name in results:
+                if name.startswith("checkpoint-"):
+                    shutil.rmtree(folder / name)  # the user asked; checkpoints of the earlier run must not mix in
+            logger.warning("overwrite_output_dir: discarded %s in %s.", ", ".join(results), folder)
+        elif previous is None or changed:
+            what = ", ".join(results[:3]) + (f" and {len(results) - 3} more" if len(results) > 3 else "")
+            why = (
+                "of another run whose arguments were not recorded"
+                if previous is None
+                else "of a run with other arguments ("
+                + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:5])
+                + ")"
+            )
+            raise ValueError(
+                f"output_dir {folder} holds {what} {why}: this run would overwrite them. Resume that run with "
+                "--resume_from_checkpoint true, discard its checkpoints with --overwrite_output_dir true, or pass "
+                "another --output_dir."
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_FILE).write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
 
 
 def load_model_name_and_tokenizer(model_args, training_args):
@@ -155,7 +265,12 @@ def load_model_name_and_tokenizer(model_args, training_args):
 
 def train_and_save(trainer, training_args, script_args) -> None:
     """Train (resuming when asked), print what every rank did, save the model and its model card."""
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # `--resume_from_checkpoint true` arrives as the string 'true': the last checkpoint in output_dir, as HF means it;
+    # the checkpoint must hold every file the resumed run needs (optimizer, RNG, replay buffer, ...)
+    resume = check_resume_checkpoint(trainer, training_args.resume_from_checkpoint)
+    if resume is not None:
+        logger.info("Resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
     print_rank_summary(trainer)  # every rank: its backend, steps and weights
     trainer.save_model(training_args.output_dir)
     trainer.create_model_card(dataset_name=script_args.dataset_name)

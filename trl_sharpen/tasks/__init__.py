@@ -28,7 +28,24 @@ def get_task(name: str) -> ModuleType:
     return TASKS[name]
 
 
+# Far above any evaluation or training set here (the defaults are 50-500); a typo like 1000000000 would otherwise run
+# for hours before writing anything
+MAX_EXAMPLES = 100_000
+
+
+def check_sizes(**sizes) -> None:
+    """`num_train` / `num_test` must be whole numbers in [1, MAX_EXAMPLES]; `num_shots` in [0, 64]."""
+    for option, value in sizes.items():
+        low, high = (0, 64) if option == "num_shots" else (1, MAX_EXAMPLES)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            shown = f"{value:.3g}" if isinstance(value, (int, float)) and abs(value) >= 1e9 else repr(value)
+            raise ValueError(f"--{option} must be a whole number from {low} to {high:,}, got {shown}.")
+
+
 def generate_task(name: str, **options) -> dict[str, list[dict]]:
+    check_sizes(**{key: options.get(key) for key in ("num_train", "num_test", "num_shots")})
     return get_task(name).generate(**options)
 
 

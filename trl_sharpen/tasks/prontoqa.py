@@ -145,12 +145,20 @@ def generate(
     if not depths or any(d not in DEPTHS for d in depths):
         raise ValueError(f"--depths must be a subset of {DEPTHS}, got {depths}.")
     rng = random.Random(seed)
-    examples, seen = [], set()
+    examples, seen, misses = [], set(), 0
     while len(examples) < num_test + num_train:
         example = generate_example(depths[len(examples) % len(depths)], rng)
         if question(example) not in seen:  # distinct questions: the splits are disjoint
             seen.add(question(example))
             examples.append(example)
+            misses = 0
+        else:
+            misses += 1
+            if misses > 10_000:  # the depths' distinct questions are used up: never loop forever
+                raise ValueError(
+                    f"Found only {len(examples)} distinct questions for depths {depths}; lower --num_train/--num_test "
+                    "or add depths."
+                )
     test, train = examples[:num_test], examples[num_test:]
     shot_depth = max(max_shot_depth, depths[0])  # the shallowest generated depth when all are deeper
     shot_pool = [e for e in train if e["depth"] <= shot_depth]
