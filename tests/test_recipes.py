@@ -64,3 +64,11 @@ def test_greedy_report_reads_answers_with_the_runs_answer_extractor():
     default, prontoqa = (callback.checker for callback in callbacks)
     assert not default("True.", "True")
     assert prontoqa("True.", "True") and not prontoqa("False.", "True")
+    # and samples the policy itself, k = 8 per prompt, at the run's temperature and at the field's T = 1
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(answer_extractor=None, temperature=0.7), add_callback=callbacks.append
+    )
+    add_greedy_report(trainer, DatasetDict(test=test), SharpenScriptArguments(dataset_test_split="test"))
+    assert (callbacks[-1].num_samples, callbacks[-1].temperatures) == (8, [0.7, 1.0])
+    with pytest.raises(ValueError, match="report_num_samples"):
+        add_greedy_report(trainer, DatasetDict(test=test), SharpenScriptArguments(report_num_samples=-1))

@@ -154,7 +154,7 @@ def add_greedy_report(trainer, dataset: DatasetDict, script_args: SharpenScriptA
             num_samples=script_args.report_num_samples,
             temperatures=(getattr(trainer.args, "temperature", 1.0), 1.0),
             answer_extractor=extractor,
-            seed=trainer.args.seed,
+            seed=getattr(trainer.args, "seed", 0),
         )
     )
 
