@@ -1,12 +1,20 @@
 """`sequence_logprobs` against a naive full-logits reference, under every padding layout and batch split."""
 
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from trl_sharpen.generation import build_generation_config, generate_completions
-from trl_sharpen.logprobs import completion_mask_from_eos, pack_prompt_completion, sequence_logprobs
+from trl_sharpen.generation import _can_share_prompt_prefill, build_generation_config, generate_completions
+from trl_sharpen.logprobs import (
+    completion_mask_from_eos,
+    pack_prompt_completion,
+    sequence_logprobs,
+    shared_scoring_is_exact,
+    verified_logit_transform,
+)
 
 
 def naive_logprobs(model, prompts, completions):
@@ -83,6 +91,7 @@ def test_repeated_prompts_are_scored_from_one_prompt_pass(toy_model, samples, mi
     completion_ids, completion_mask = pad([c or [5] for c in row_completions], "right", value=5)
     completion_mask[5] = 0
     shapes = {True: [], False: []}  # (rows, tokens) of each backbone forward
+    assert shared_scoring_is_exact(toy_model)  # the once-per-model proof runs first, outside the count
 
     def score(share):
         hook = toy_model.model.register_forward_hook(
@@ -241,6 +250,7 @@ def test_shared_prompt_prefill_samples_what_generate_samples(toy_model, toy_toke
         do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=10,
         pad_token_id=toy_tokenizer.pad_token_id, eos_token_id=toy_tokenizer.eos_token_id,
     )  # fmt: skip
+    assert _can_share_prompt_prefill(toy_model, config, None)  # its once-per-model proof runs here, outside the count
     prefill_rows = []  # (rows, width) of each forward that sees more than one token: the prompts' prefills
     backbone = toy_model.get_base_model().model if with_lora else toy_model.model
     hook = backbone.register_forward_hook(
@@ -275,6 +285,7 @@ def test_default_chunking_follows_the_vocabulary(toy_model, samples, monkeypatch
     prompts, completions = samples
     vocab = toy_model.config.vocab_size
     monkeypatch.setattr(logprobs, "LOGITS_CHUNK_BYTES", 4 * vocab * 3)
+    assert verified_logit_transform(toy_model) is not None  # its once-per-model check runs here, outside the count
     widths = []
     hook = toy_model.get_output_embeddings().register_forward_hook(lambda m, i, o: widths.append(o.shape[0]))
     try:
@@ -347,23 +358,77 @@ def test_repeated_prompts_under_gradient_checkpointing_in_training_mode(toy_mode
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_prompt_learning_adapters_keep_generates_own_prefill(toy_model, toy_tokenizer):
-    """Prefix tuning brings its own KV cache through the PEFT wrapper, which a prefill of the backbone would leave
-    out: such models sample with `generate`'s own prefill."""
-    from peft import PrefixTuningConfig
+@pytest.mark.parametrize("adapter", ["prompt_tuning", "prefix_tuning", "p_tuning"])
+def test_prompt_learning_adapters_are_refused_with_one_line(toy_model, toy_tokenizer, adapter):
+    """Issue 18 case 3. A prompt-learning adapter lives in the PEFT wrapper, outside the causal LM: scoring the causal
+    LM scored pi_base (prompt tuning: -68.04 recorded where the policy gives -64.87), and peft's `generate` ignores a
+    prefix-tuning cache. Such models are refused where a sampler or trainer is built (`sampling_config`) and wherever
+    they are sampled or scored, with one line naming the adapter and the fix."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
-    from trl_sharpen.generation import _can_share_prompt_prefill
+    from trl_sharpen.generation import sampling_config
 
+    config_class = {
+        "prompt_tuning": PromptTuningConfig,
+        "prefix_tuning": PrefixTuningConfig,
+        "p_tuning": PromptEncoderConfig,
+    }[adapter]
+    policy = get_peft_model(toy_model, config_class(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    prompts = [toy_tokenizer("Q : 3 + 5 = ?")["input_ids"]]
+    message = r"^[A-Z_]+ adapters are not supported: .* Use LoRA"
+    with pytest.raises(ValueError, match=message):
+        sampling_config(policy, toy_tokenizer, max_new_tokens=4)
+    config = sampling_config(toy_model, toy_tokenizer, max_new_tokens=4)
+    with pytest.raises(ValueError, match=message):
+        generate_completions(policy, prompts, config, num_samples=2)
+    with pytest.raises(ValueError, match=message):
+        sequence_logprobs(policy, prompts, [[5, 6]])
+
+
+def test_the_checkpoints_generation_settings_do_not_leak_into_sampling(toy_model, toy_tokenizer, caplog):
+    """Issue 18 case 1. transformers 5.x fills every field a generation config leaves None from the checkpoint's
+    generation_config: with repetition_penalty=3 and no_repeat_ngram_size=1 there, the toy model's samples went from
+    '1 + 2 = 3 . answer 3' to 'answer 17' and the mean recorded log pi from -1.73 to -6.44. min_p (neutral value None)
+    is set aside too. The samples are pi's, and one log line names the settings ignored."""
+    from trl_sharpen.generation import sampling_config
+
+    prompts = [toy_tokenizer(text)["input_ids"] for text in ["Q : 1 + 2 = ?", "Q : 4 + 9 = ?"]]
+
+    def sample(model):
+        config = sampling_config(model, toy_tokenizer, max_new_tokens=12)
+        torch.manual_seed(0)
+        return generate_completions(model, prompts, config, num_samples=4)
+
+    clean = sample(toy_model)
+    leaky = copy.deepcopy(toy_model)
+    leaky.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=1, min_p=0.5, top_k=2)
+    with caplog.at_level("INFO", logger="trl_sharpen.generation"):
+        got = sample(leaky)
+    assert got.completion_ids == clean.completion_ids
+    assert got.logprobs == clean.logprobs
+    lines = [
+        r.getMessage() for r in caplog.records if "ignoring the checkpoint's generation settings" in r.getMessage()
+    ]
+    assert len(lines) == 1
+    for setting in ("repetition_penalty=3.0", "no_repeat_ngram_size=1", "min_p=0.5", "top_k=2 (using 0)"):
+        assert setting in lines[0]
+    assert leaky.generation_config.repetition_penalty == 3.0  # restored afterwards
+    # Asked for explicitly, a setting is used
+    config = sampling_config(toy_model, toy_tokenizer, max_new_tokens=12, repetition_penalty=3.0)
+    torch.manual_seed(0)
+    assert generate_completions(toy_model, prompts, config, num_samples=4).completion_ids != clean.completion_ids
+
+
+def test_recorded_logprobs_need_one_new_token_per_forward(toy_model, toy_tokenizer):
+    """Issue 18 case 4. A chunked prefill (asked for with prefill_chunk_size) runs several forwards before the first
+    sampled token: the recorder used to keep the first C steps anyway (recorded [-28.74, -26.78] vs re-scored
+    [-4.98, -4.99]). Now a forward that is not one new token makes generation re-score, and the values are exact."""
+    prompts = [toy_tokenizer(text)["input_ids"] for text in ["Q : 1 + 2 + 3 + 4 = ?", "Q : 4 + 9 = ?"]]
     config = build_generation_config(
-        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6,
+        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8, prefill_chunk_size=3,
         pad_token_id=toy_tokenizer.pad_token_id, eos_token_id=toy_tokenizer.eos_token_id,
     )  # fmt: skip
-    assert _can_share_prompt_prefill(toy_model, config, None)
-    prefix = get_peft_model(toy_model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
-    assert not _can_share_prompt_prefill(prefix, config, None)
-    prompts = [toy_tokenizer("Q : 3 + 5 = ?")["input_ids"]]
-    runs = []
-    for share in (True, False):
-        torch.manual_seed(0)
-        runs.append(generate_completions(prefix, prompts, config, num_samples=3, share_prompt_prefill=share))
-    assert runs[0].completion_ids == runs[1].completion_ids
+    torch.manual_seed(0)
+    samples = generate_completions(toy_model, prompts, config, num_samples=1)
+    rescored = sequence_logprobs(toy_model, prompts, samples.completion_ids)
+    torch.testing.assert_close(torch.tensor(samples.logprobs), rescored, atol=1e-4, rtol=0)

@@ -17,23 +17,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import extract_model_from_parallel, is_peft_model
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from .logprobs import (
     cache_argument,
+    check_token_ids,
+    check_tolerance,
     completion_mask_from_eos,
     has_eos,
+    once_per_model,
     pad_rows,
     prefill_prompts,
     sequence_logprobs,
     supports_kv_cache_reuse,
     unwrap_causal_lm,
 )
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +63,11 @@ class _SampledTokenLogprobRecorder:
     The logits of step t are seen in forward t; the token sampled from them only arrives as the input of forward t+1
     (or, for the last token, in the returned sequences). So the hook keeps one step of log-probabilities pending and
     gathers it when the sampled token shows up: memory stays at one `(batch, vocab)` float32 tensor.
+
+
+    Exact only when every forward after the first (the prefill) carries exactly one new token, the one sampled from
+    the previous forward's logits; then there is one step per completion token. Anything else (a chunked prefill, a
+    forward that brings several tokens) makes `per_token_logprobs` return None, and the caller re-scores.
     """
 
     def __init__(self):
@@ -71,24 +82,52 @@ class _SampledTokenLogprobRecorder:
             self.failed = True  # e.g. generation from `inputs_embeds`: fall back to rescoring
             return
         if self.pending is not None:
+            if input_ids.size(1) != 1:  # not one sampled token per forward (chunked prefill, ...): re-score
+                self.failed = True
+                return
             self.steps.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
         self.pending = logits[:, -1].float().log_softmax(dim=-1)
 
     def per_token_logprobs(self, completion_ids: torch.Tensor) -> torch.Tensor | None:
-        """`(batch, C)` log-probabilities of the returned completion tokens."""
+        """`(batch, C)` log-probabilities of the returned completion tokens, or None unless there was exactly one
+        step per completion token."""
         length = completion_ids.size(1)
-        steps = self.steps[:length]
-        if len(steps) == length - 1 and self.pending is not None:
-            steps.append(self.pending.gather(-1, completion_ids[:, -1:].to(self.pending.device)).squeeze(-1))
-        if self.failed or len(steps) != length:
+        if self.failed or self.pending is None or len(self.steps) != length - 1:
             return None
-        return torch.stack(steps, dim=1) if steps else completion_ids.new_zeros((completion_ids.size(0), 0)).float()
+        steps = [*self.steps, self.pending.gather(-1, completion_ids[:, -1:].to(self.pending.device)).squeeze(-1)]
+        return torch.stack(steps, dim=1)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts left-padded for `generate`, with their (long) attention mask."""
     ids, mask = pad_rows(rows, pad_token_id, side="left")
     return ids, mask.long()
+
+
+# Fields of `GenerationConfig` whose neutral value is not None, set explicitly: transformers 5.x fills every field left
+# None from the checkpoint's `generation_config` (Qwen2.5-Instruct ships repetition_penalty 1.05), so a config handed
+# to any `generate` (TRL's too) samples from pi. Neutral fields that are None (min_p, prefill_chunk_size,
+# cache_implementation, suppress_tokens, ...) cannot be written down: `generate_completions` runs `generate` with the
+# checkpoint's generation config set aside (`checkpoint_generation_defaults_off`).
+NEUTRAL_GENERATION = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_new_tokens": 0,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "length_penalty": 1.0,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "use_cache": True,
+}
+# What is kept from the checkpoint's generation config: token ids, which say nothing about the distribution
+_CHECKPOINT_FIELDS_KEPT = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+_OVERRIDES_LOGGED = "_trl_sharpen_generation_overrides_logged"
 
 
 def build_generation_config(
@@ -102,17 +141,60 @@ def build_generation_config(
     eos_token_id: int | list[int],
     **extra,
 ) -> GenerationConfig:
-    """A generation config built from scratch, so that a checkpoint's own sampling defaults (a Hub model's
-    `top_k=20` or `repetition_penalty=1.05`) do not silently change the distribution we sample from."""
+    """A generation config built from scratch, every processing field neutral unless set in `extra` (see
+    `NEUTRAL_GENERATION`), so that a checkpoint's own sampling defaults (a Hub model's `top_k=20` or
+    `repetition_penalty=1.05`) do not silently change the distribution we sample from."""
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
     return GenerationConfig(
+        **{**NEUTRAL_GENERATION, **extra},
         do_sample=do_sample,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
         **sampling,
-        **extra,
     )
+
+
+@contextlib.contextmanager
+def checkpoint_generation_defaults_off(model: torch.nn.Module, generation_config: GenerationConfig):
+    """Run `generate` with the checkpoint's generation config set aside (token ids kept), so that every field
+    `generation_config` leaves None takes transformers' neutral default rather than the checkpoint's value (a
+    `min_p`, `prefill_chunk_size` or `cache_implementation` in its generation_config.json). Logs, once per model and
+    setting, which of the checkpoint's settings this overrides."""
+    causal_lm = unwrap_causal_lm(model)
+    original = getattr(causal_lm, "generation_config", None)
+    if not isinstance(original, GenerationConfig):
+        yield
+        return
+    neutral = GenerationConfig(**{name: getattr(original, name, None) for name in _CHECKPOINT_FIELDS_KEPT})
+    _log_overridden_settings(causal_lm, original, generation_config)
+    causal_lm.generation_config = neutral
+    try:
+        yield
+    finally:
+        causal_lm.generation_config = original
+
+
+def _log_overridden_settings(causal_lm, checkpoint: GenerationConfig, ours: GenerationConfig) -> None:
+    defaults = GenerationConfig._get_default_generation_params()
+    logged = causal_lm.__dict__.setdefault(_OVERRIDES_LOGGED, set())
+    overridden = {}
+    for name, value in checkpoint.to_dict().items():
+        if name.startswith("_") or name in _CHECKPOINT_FIELDS_KEPT or name == "transformers_version" or value is None:
+            continue
+        if name == "max_length" and ours.max_new_tokens is not None:
+            continue  # max_new_tokens decides
+        used = getattr(ours, name, None)
+        used = defaults.get(name) if used is None else used
+        if value != used and (name, repr(value)) not in logged:
+            overridden[name] = (value, used)
+            logged.add((name, repr(value)))
+    if overridden:
+        logger.info(
+            "Sampling from the model's own distribution: ignoring the checkpoint's generation settings %s (set them "
+            "explicitly, e.g. in generation_kwargs, to use them).",
+            ", ".join(f"{name}={value!r} (using {used!r})" for name, (value, used) in sorted(overridden.items())),
+        )
 
 
 def end_of_turn_token_id(tokenizer) -> int | None:
@@ -185,7 +267,10 @@ def sampling_config(
     **extra,
 ) -> GenerationConfig:
     """`build_generation_config` with the pad token from `tokenizer` and the EOS ids from `model` (see
-    `eos_token_ids`). Defaults: plain sampling from the model's own distribution, as in the paper (App. A.4)."""
+    `eos_token_ids`). Defaults: plain sampling from the model's own distribution, as in the paper (App. A.4).
+    Refuses a model that cannot be sampled and scored exactly (a prompt-learning adapter: `unwrap_causal_lm`), so that
+    trainers and samplers, which build their config here, refuse it at construction."""
+    unwrap_causal_lm(model)
     return build_generation_config(
         do_sample=do_sample,
         temperature=temperature,
@@ -220,15 +305,51 @@ def seeded(model: torch.nn.Module, seed: int):
 
 
 def _can_share_prompt_prefill(model, generation_config: GenerationConfig, synced_gpus: bool | None) -> bool:
-    """Whether `_prefilled_cache` may be used: a model whose KV cache can be reused (`supports_kv_cache_reuse`), no
-    other cache implementation asked for, no step-synchronised generation across processes, and no prompt-learning
-    PEFT adapter (prefix tuning brings its own cache, which a prefill of the backbone would leave out)."""
+    """Whether `_prefilled_cache` may be used: no step-synchronised generation across processes, the default dynamic
+    cache (no other cache implementation asked for: the checkpoint's own is set aside by
+    `checkpoint_generation_defaults_off`), a cache that can be repeated per sample (`supports_kv_cache_reuse`), and the
+    shared prefill proven to sample what `generate`'s own does on this model (`_shared_prefill_is_exact`)."""
     if synced_gpus or generation_config.cache_implementation is not None or generation_config.use_cache is False:
         return False
-    wrapped = extract_model_from_parallel(model)
-    if is_peft_model(wrapped) and wrapped.active_peft_config.is_prompt_learning:
-        return False
-    return supports_kv_cache_reuse(unwrap_causal_lm(model))
+    if generation_config.prefill_chunk_size is not None:
+        return False  # the user asked for chunked prefill: leave the prefill to `generate`
+    causal_lm = unwrap_causal_lm(model)
+    return supports_kv_cache_reuse(causal_lm) and _shared_prefill_is_exact(model, generation_config)
+
+
+_PROVING = "_trl_sharpen_proving_shared_prefill"
+
+
+def _shared_prefill_is_exact(model, generation_config: GenerationConfig) -> bool:
+    """Once per model (`once_per_model`): greedy 3-token completions of two prompts of different lengths (one
+    left-padded), 2 samples each, with and without the shared prefill, give the same tokens and recorded log-probs
+    within `check_tolerance`. A model whose forward treats a handed-in cache otherwise is sampled unshared."""
+    causal_lm = unwrap_causal_lm(model)
+    if causal_lm.__dict__.get(_PROVING):  # the proof's own shared run
+        return True
+    config = build_generation_config(
+        do_sample=False, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=3,
+        pad_token_id=generation_config.pad_token_id if generation_config.pad_token_id is not None else 0,
+        eos_token_id=generation_config.eos_token_id,
+    )  # fmt: skip
+    prompts = check_token_ids(causal_lm, [5, 3])
+
+    def check():
+        causal_lm.__dict__[_PROVING] = True
+        try:
+            runs = [
+                generate_completions(model, prompts, config, num_samples=2, share_prompt_prefill=share)
+                for share in (False, True)
+            ]
+        except Exception:  # e.g. a cache the model's forward does not take: unshared
+            return False
+        finally:
+            causal_lm.__dict__.pop(_PROVING, None)
+        error = max(abs(a - b) for a, b in zip(runs[0].logprobs, runs[1].logprobs))
+        same_tokens = runs[0].completion_ids == runs[1].completion_ids
+        return same_tokens and error <= check_tolerance(causal_lm) * config.max_new_tokens
+
+    return once_per_model(causal_lm, "shared_prefill", check)
 
 
 def _prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_rows: Sequence[int]):
@@ -310,14 +431,15 @@ def generate_completions(
         )
         handle = unwrap_causal_lm(model).register_forward_hook(recorder, with_kwargs=True) if record_logprobs else None
         try:
-            sequences = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=generation_config,
-                stopping_criteria=StoppingCriteriaList([stops] if stops else []),
-                synced_gpus=synced_gpus,
-                **({cache_argument(unwrap_causal_lm(model)): cache} if cache is not None else {}),
-            )
+            with checkpoint_generation_defaults_off(model, generation_config):
+                sequences = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=generation_config,
+                    stopping_criteria=StoppingCriteriaList([stops] if stops else []),
+                    synced_gpus=synced_gpus,
+                    **({cache_argument(unwrap_causal_lm(model)): cache} if cache is not None else {}),
+                )
         finally:
             if handle is not None:
                 handle.remove()

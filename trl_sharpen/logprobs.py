@@ -25,11 +25,28 @@ LOGITS_CHUNK_BYTES = 128 * 2**20
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The `*ForCausalLM` module inside DDP / DeepSpeed / PEFT wrappers (PEFT's LoRA layers stay in place)."""
+    """The `*ForCausalLM` module inside DDP / DeepSpeed / PEFT wrappers (PEFT's LoRA layers stay in place).
+
+    Prompt-learning adapters (prompt tuning, prefix tuning, p-tuning) are refused: they live in the PEFT wrapper, not
+    in the causal LM, so scoring the causal LM would score pi_base, and peft's `generate` ignores a prefix-tuning
+    cache."""
     model = extract_model_from_parallel(model)
     if is_peft_model(model):
+        check_not_prompt_learning(model)
         model = model.get_base_model()
     return model
+
+
+def check_not_prompt_learning(model: torch.nn.Module) -> None:
+    """Refuse a prompt-learning PEFT model with one line (see `unwrap_causal_lm`)."""
+    model = extract_model_from_parallel(model)
+    config = getattr(model, "active_peft_config", None) if is_peft_model(model) else None
+    if config is not None and config.is_prompt_learning:
+        raise ValueError(
+            f"{config.peft_type.value} adapters are not supported: the sampled and scored model would be pi_base, "
+            "not the policy (the virtual tokens live outside the causal LM). Use LoRA (--use_peft with --lora_r) or "
+            "full fine-tuning."
+        )
 
 
 def cache_argument(module: torch.nn.Module) -> str:
@@ -39,13 +56,143 @@ def cache_argument(module: torch.nn.Module) -> str:
 
 
 def supports_kv_cache_reuse(causal_lm: torch.nn.Module) -> bool:
-    """Whether a prompt's KV cache may be computed once and reused for several continuations: a transformers model
-    with a `DynamicCache`, outside ZeRO-3 (whose processes must run the same number of forwards; reuse makes that
-    number depend on how many prompts repeat)."""
+    """Whether a prompt's KV cache may be computed once and reused for several continuations, judged by what the
+    cache can do: a transformers model whose default cache is a `DynamicCache` made only of attention layers (keys and
+    values per position, which `batch_select_indices` can repeat), outside ZeRO-3 (whose processes must run the same
+    number of forwards; reuse makes that number depend on how many prompts repeat).
+
+    Hybrid and linear-attention models (LFM2, Mamba, Qwen3-Next, Jamba, ...) keep a recurrent state instead and are
+    left to the unshared paths. Passing this gate is necessary, not sufficient: each shared path is also proven
+    against the unshared one once per model (`shared_scoring_is_exact`, and generation's `_shared_prefill_is_exact`).
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     supports = getattr(causal_lm, "_supports_default_dynamic_cache", None)
-    return callable(supports) and bool(supports()) and not is_deepspeed_zero3_enabled()
+    if not callable(supports) or not supports() or is_deepspeed_zero3_enabled():
+        return False
+    try:
+        layers = DynamicCache(config=causal_lm.config).layers
+    except Exception:  # a config the cache cannot read: no reuse
+        return False
+    return bool(layers) and all(
+        isinstance(layer, DynamicLayer)
+        and not isinstance(layer, LinearAttentionCacheLayerMixin)  # Qwen3-Next's hybrid layers are DynamicLayers too
+        and callable(getattr(layer, "batch_select_indices", None))
+        for layer in layers
+    )
+
+
+# ----------------------------------------------------------------------------------- once-per-model exactness checks
+# A check runs on a few tokens at the first use of a path, and its verdict is kept on the model object (keyed by the
+# path and the parameter dtype), so later calls cost nothing.
+_CHECKS_ATTRIBUTE = "_trl_sharpen_exactness_checks"
+# Tolerance of a check, in nats or logits: float32 must agree to rounding; half precision rounds every matmul (the
+# fast path and the model's own forward group them differently), which the looser bound allows for.
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
+HALF_PRECISION_CHECK_TOLERANCE = 5e-2
+
+
+def check_tolerance(causal_lm: torch.nn.Module) -> float:
+    return CHECK_TOLERANCE.get(_parameter_dtype(causal_lm), HALF_PRECISION_CHECK_TOLERANCE)
+
+
+def _parameter_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def once_per_model(causal_lm: torch.nn.Module, name: str, check):
+    """`check()`'s verdict for `causal_lm`, computed at the first call and kept on the model (per dtype). The model
+    runs in eval mode and without gradients meanwhile (dropout would make any comparison fail)."""
+    checks = causal_lm.__dict__.setdefault(_CHECKS_ATTRIBUTE, {})
+    key = (name, _parameter_dtype(causal_lm))
+    if key not in checks:
+        was_training = causal_lm.training
+        causal_lm.eval()
+        try:
+            with torch.no_grad():
+                checks[key] = check()
+        finally:
+            causal_lm.train(was_training)
+    return checks[key]
+
+
+def check_token_ids(causal_lm: torch.nn.Module, rows: Sequence[int]) -> list[list[int]]:
+    """A few ordinary token ids to run checks on: `rows` rows of the given lengths, avoiding ids 0-2 (often special)."""
+    vocab = causal_lm.config.get_text_config().vocab_size
+    return [[3 + (7 * row + 5 * i) % max(1, vocab - 3) for i in range(length)] for row, length in enumerate(rows)]
+
+
+def _logit_transform(config):
+    """Post-LM-head transforms some architectures apply inside `forward` (so a bare head call would miss them). This
+    list is only a fast path: `verified_logit_transform` checks it against the model's own forward."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text_config, "model_type", "")
+    scale = getattr(text_config, "logit_scale", None)  # Cohere
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)  # Falcon-H1
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        # HyperCLOVA X multiplies (MuP), Granite divides
+        multiplies = model_type.startswith("hyperclovax")
+        scale = text_config.logits_scaling if multiplies else 1.0 / text_config.logits_scaling
+    softcap = None
+    for name in ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap"):  # Gemma 2/3, RecurrentGemma,
+        softcap = softcap or getattr(text_config, name, None)  # xLSTM
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return transform
+
+
+def head_logits(head: torch.nn.Module, states: torch.Tensor, transform) -> torch.Tensor:
+    """float32 `transform(head(states))`. A plain `nn.Linear` head with half-precision weights is applied in float32
+    (as TRL's `cast_lm_head_to_fp32`), so scores keep their digits whatever the training dtype; any other head (LoRA
+    on the head, quantized) runs as it is and its output is cast."""
+    weight = getattr(head, "weight", None)
+    if type(head) is torch.nn.Linear and weight.dtype in (torch.bfloat16, torch.float16) and weight.numel() > 0:
+        bias = None if head.bias is None else head.bias.float()
+        return transform(torch.nn.functional.linear(states.float(), weight.float(), bias))
+    if type(head) is torch.nn.Linear and states.dtype != weight.dtype:
+        states = states.to(weight.dtype)  # a float32 head (`_float32_head`) on half-precision states
+    # Called as a module otherwise, so hooks run (ZeRO-3 gathers a partitioned head in one; its weight has numel 0)
+    return transform(head(states).float())
+
+
+def verified_logit_transform(causal_lm: torch.nn.Module):
+    """The transform that, after the LM head, gives the model's own logits, or None when `_logit_transform` does not
+    reproduce `model(x).logits` (an architecture with a head transform we do not know): callers then use the model's
+    own forward. Checked once per model on a few tokens (`once_per_model`)."""
+    transform = _logit_transform(causal_lm.config)
+
+    def check():
+        ids = torch.tensor(check_token_ids(causal_lm, [5]), device=_device_of(causal_lm))
+        expected = causal_lm(input_ids=ids, use_cache=False).logits.float()
+        hidden = causal_lm.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        got = head_logits(causal_lm.get_output_embeddings(), hidden, transform)
+        error = (got - expected).abs().max().item()
+        return error <= check_tolerance(causal_lm) * max(1.0, expected.abs().max().item())
+
+    try:
+        exact = once_per_model(causal_lm, "logit_transform", check)
+    except Exception:  # e.g. a backbone without `last_hidden_state`: use the model's own forward
+        exact = False
+    return transform if exact else None
+
+
+def _device_of(causal_lm: torch.nn.Module) -> torch.device:
+    head = causal_lm.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return next(causal_lm.parameters()).device
 
 
 def prefill_prompts(causal_lm: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
@@ -69,28 +216,6 @@ def prefill_prompts(causal_lm: torch.nn.Module, prompt_ids: torch.Tensor, prompt
             "The model did not fill its KV cache; pass share_prompts=False / share_prompt_prefill=False."
         )
     return cache, hidden[:, -1]
-
-
-def _logit_transform(config):
-    """Post-LM-head transforms some architectures apply inside `forward` (so a bare head call would miss them)."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = getattr(text_config, "logit_scale", None)  # Cohere
-    if scale is None:
-        scale = getattr(text_config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text_config, "lm_head_multiplier", None)  # Falcon-H1
-    if scale is None and getattr(text_config, "logits_scaling", None) is not None:  # Granite divides
-        scale = 1.0 / text_config.logits_scaling
-    softcap = getattr(text_config, "final_logit_softcapping", None)  # Gemma 2/3
-
-    def transform(logits: torch.Tensor) -> torch.Tensor:
-        if scale is not None:
-            logits = logits * scale
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    return transform
 
 
 def pad_rows(
@@ -191,13 +316,12 @@ def sequence_logprobs(
         float32 tensor of shape `(batch,)` on the model's device; 0.0 for an empty completion.
     """
     causal_lm = unwrap_causal_lm(model)
-    backbone = causal_lm.base_model
     head = causal_lm.get_output_embeddings()
-    transform = _logit_transform(causal_lm.config)
+    transform = verified_logit_transform(causal_lm)  # None: the head alone misses what forward does; use forward
     # out_features, not weight.shape: a ZeRO-3 partitioned weight has shape (0,)
     vocab_size = getattr(head, "out_features", None) or causal_lm.config.get_text_config().vocab_size
     chunk_tokens = logits_chunk_tokens or max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
-    device = head.weight.device if head.weight.device.type != "meta" else next(causal_lm.parameters()).device
+    device = _device_of(causal_lm)
 
     input_ids, attention_mask, is_completion = pack_prompt_completion(
         prompt_ids, completion_ids, prompt_mask, completion_mask
@@ -214,12 +338,22 @@ def sequence_logprobs(
     checkpointing = causal_lm.training and any(
         getattr(m, "gradient_checkpointing", False) for m in causal_lm.modules()
     )
-    if share_prompts and not checkpointing and supports_kv_cache_reuse(causal_lm):
+    if share_prompts and not checkpointing and transform is not None:
         prompt_rows, completion_rows = _real_rows(prompt_ids, prompt_mask), _real_rows(completion_ids, completion_mask)
-        if len(set(map(tuple, prompt_rows))) < len(prompt_rows):
+        if len(set(map(tuple, prompt_rows))) < len(prompt_rows) and shared_scoring_is_exact(causal_lm):
             return _shared_prompt_logprobs(
                 causal_lm, prompt_rows, completion_rows, micro_batch_size, chunk_tokens, transform, device
             )
+    return _unshared_logprobs(
+        causal_lm, input_ids, attention_mask, is_completion, micro_batch_size, chunk_tokens, transform, device
+    )
+
+
+def _unshared_logprobs(causal_lm, input_ids, attention_mask, is_completion, micro_batch_size, chunk_tokens,
+                       transform, device) -> torch.Tensor:  # fmt: skip
+    """`sequence_logprobs` of packed rows (`pack_prompt_completion`), a micro-batch of whole sequences per forward.
+    With `transform` None the model's own forward gives the logits (all positions of a micro-batch at once)."""
+    head = causal_lm.get_output_embeddings()
     lengths = attention_mask.sum(dim=1)
     # Longest first, so each micro-batch is trimmed to similar lengths and the first one shows the peak memory.
     order = torch.argsort(lengths, descending=True)
@@ -229,28 +363,51 @@ def sequence_logprobs(
         width = int(lengths[rows].max())
         ids = input_ids[rows, :width].to(device)
         mask = attention_mask[rows, :width].to(device)
-        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         # Position t predicts token t+1: keep the positions whose next token is a completion token.
         targets_mask = is_completion[rows, 1:width].to(device).bool()
-        states = hidden[:, :-1][targets_mask]
         targets = ids[:, 1:][targets_mask]
-        result[rows.to(device)] = _summed_token_logprobs(states, targets, targets_mask, head, transform, chunk_tokens)
+        if transform is None:
+            logits = causal_lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][targets_mask]
+            sums = _summed_token_logprobs(logits, targets, targets_mask, torch.nn.Identity(), _same, chunk_tokens)
+        else:
+            hidden = causal_lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            states = hidden[:, :-1][targets_mask]
+            sums = _summed_token_logprobs(states, targets, targets_mask, head, transform, chunk_tokens)
+        result[rows.to(device)] = sums
     return result
+
+
+def _same(logits: torch.Tensor) -> torch.Tensor:
+    return logits
 
 
 def _summed_token_logprobs(states, targets, mask, head, transform, chunk_tokens) -> torch.Tensor:
     """Per row of `mask` (rows, positions), the sum of log softmax(transform(head(state)))[target] over its True
-    positions; `states` and `targets` hold those positions in row-major order. The LM head runs `chunk_tokens`
-    positions at a time, so float32 logits never exceed one chunk."""
+    positions, in float32 (`head_logits`); `states` and `targets` hold those positions in row-major order. The LM head
+    runs `chunk_tokens` positions at a time, so float32 logits never exceed one chunk."""
     row_of_token = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
     sums = torch.zeros(mask.size(0), dtype=torch.float32, device=mask.device)
+    head = _float32_head(head)
     for start in range(0, targets.numel(), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
-        logits = transform(head(states[piece])).float()
+        logits = head_logits(head, states[piece], transform)
         token_logps = logits.gather(-1, targets[piece].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
         sums.index_add_(0, row_of_token[piece], token_logps)
         del logits
     return sums
+
+
+def _float32_head(head: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of a half-precision plain `nn.Linear` head, made once per scoring call rather than per chunk
+    (`head_logits` would cast the weight at every chunk); any other head is returned as it is."""
+    weight = getattr(head, "weight", None)
+    if type(head) is not torch.nn.Linear or weight.dtype not in (torch.bfloat16, torch.float16) or not weight.numel():
+        return head
+    copy_ = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+    copy_.weight = torch.nn.Parameter(head.weight.detach().float(), requires_grad=False)
+    if head.bias is not None:
+        copy_.bias = torch.nn.Parameter(head.bias.detach().float(), requires_grad=False)
+    return copy_
 
 
 def _real_rows(ids: TokenIds, mask: torch.Tensor | None) -> list[list[int]]:
@@ -310,6 +467,34 @@ def _shared_prompt_logprobs(
     return result
 
 
+def shared_scoring_is_exact(causal_lm: torch.nn.Module) -> bool:
+    """Whether `_shared_prompt_logprobs` gives what the unshared pass gives on this model: the cache gate
+    (`supports_kv_cache_reuse`), then, once per model (`once_per_model`), both paths on two prompts of different
+    lengths (so one is left-padded) with two completions each, within `check_tolerance`. A model whose cache or
+    positions behave otherwise (MPT with a user cache drifted 0.25 nats over 8 tokens) is scored unshared."""
+    if not supports_kv_cache_reuse(causal_lm):
+        return False
+    transform = verified_logit_transform(causal_lm)
+    if transform is None:
+        return False
+
+    def check():
+        prompts, completions = check_token_ids(causal_lm, [5, 2]), check_token_ids(causal_lm, [4, 3, 1, 4])[::-1]
+        rows = [0, 0, 1, 1]
+        prompt_rows = [prompts[i] for i in rows]
+        device = _device_of(causal_lm)
+        chunk = max(1, LOGITS_CHUNK_BYTES // (4 * causal_lm.config.get_text_config().vocab_size))
+        try:
+            shared = _shared_prompt_logprobs(causal_lm, prompt_rows, completions, 4, chunk, transform, device)
+        except Exception:  # e.g. a cache layer that cannot be repeated: unshared
+            return False
+        packed = pack_prompt_completion(prompt_rows, completions)
+        unshared = _unshared_logprobs(causal_lm, *packed, 4, chunk, transform, device)
+        return (shared - unshared).abs().max().item() <= check_tolerance(causal_lm) * max(1.0, len(completions[0]))
+
+    return once_per_model(causal_lm, "shared_scoring", check)
+
+
 def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: int | Sequence[int]) -> torch.Tensor:
     """Mask of the real tokens of right-padded completions: everything up to and including the first EOS.
 
@@ -358,7 +543,7 @@ def _cpu_lm_head_outputs(hidden, head, targets, transform, outputs, chunk_tokens
     pieces = {name: [] for name in ("log_probs", *outputs)}
     for start in range(0, targets.numel(), chunk_tokens):
         piece = slice(start, start + chunk_tokens)
-        logits = transform(head(hidden[piece])).float()
+        logits = head_logits(head, hidden[piece], transform)
         log_probs = logits.log_softmax(dim=-1)
         pieces["log_probs"].append(log_probs.gather(-1, targets[piece].unsqueeze(-1)).squeeze(-1))
         with torch.no_grad():
@@ -387,7 +572,6 @@ def add_cpu_lm_head(model: torch.nn.Module, outputs: Sequence[str] = ("log_probs
     from trl.trainer.utils import FusedCausalLMOutput
 
     fused_forward = model.forward
-    transform = _logit_transform(model.config)
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     outputs = tuple(name for name in outputs if name != "log_probs")
 
@@ -398,7 +582,9 @@ def add_cpu_lm_head(model: torch.nn.Module, outputs: Sequence[str] = ("log_probs
             use_cpu = False  # generation, context parallelism, MoE auxiliary loss: TRL's forward handles them
         else:
             use_cpu = uses_cpu_lm_head(head.weight.device, int((labels[:, 1:] != -100).sum()), vocab_size)
-        if not use_cpu:
+        # An architecture whose head transform we do not reproduce (checked once per model) goes to TRL's forward
+        transform = verified_logit_transform(self) if use_cpu else None
+        if transform is None:
             return fused_forward(
                 *args,
                 fused_lm_head=fused_lm_head,
