@@ -44,6 +44,9 @@ LABEL_FREE = {
     "eval_greedy_base_logprob",
     "eval_sharpening_error",
     "eval_distinct_answers",
+    "eval_base_majority_agreement",
+    "eval_top_answer_share",
+    "eval_base_top_answer_share",
     "eval_mean_length",
     "eval_clipped_ratio",
 }
@@ -183,6 +186,60 @@ def test_each_metric_matches_a_direct_computation(toy_model, toy_tokenizer):
     assert metrics["sharpening_error"] == pytest.approx(np.mean(deltas), abs=1e-4)
 
 
+def test_retention_metrics_match_a_direct_computation(toy_model, toy_tokenizer):
+    policy, base = toy_model, perturbed_copy(toy_model, scale=0.02)
+    prompt_ids = [tokenize_prompt(toy_tokenizer, p) for p in load_toy_prompts("test")["prompt"][:12]]
+    k, length, seed, per_call = 5, 40, 3, 4
+    majority_cache, greedy_cache = {}, {}
+    records = measure_prompts(
+        contexts(policy, base), toy_tokenizer, prompt_ids, num_samples=k, max_new_tokens=length,
+        prompts_per_call=per_call, seed=seed, extractor=extract_answer, base_majority=majority_cache,
+        base_greedy=greedy_cache,
+    )  # fmt: skip
+    metrics = aggregate(records, 0.1)
+
+    # Direct: pi_base's k samples (same seed and batch layout), their most common answer (first seen on ties)
+    with seeded(base, seed):
+        config = sampling_config(base, toy_tokenizer, max_new_tokens=length)
+        base_samples = generate_completions(base, prompt_ids, config, num_samples=k, batch_size=per_call * k)
+    texts = toy_tokenizer.batch_decode(base_samples.completion_ids, skip_special_tokens=True)
+    majority = []
+    for p in range(len(prompt_ids)):
+        answers = [a for a in map(extract_answer, texts[p * k : (p + 1) * k]) if a is not None]
+        majority.append(max(answers, key=lambda a: (answers.count(a), -answers.index(a))) if answers else None)
+    greedy_config = sampling_config(policy, toy_tokenizer, do_sample=False, max_new_tokens=length)
+    greedy = [extract_answer(t) for t in toy_tokenizer.batch_decode(
+        generate_completions(policy, prompt_ids, greedy_config, batch_size=4).completion_ids, skip_special_tokens=True)]  # fmt: skip
+    base_greedy = [extract_answer(t) for t in toy_tokenizer.batch_decode(
+        generate_completions(base, prompt_ids, greedy_config, batch_size=4).completion_ids, skip_special_tokens=True)]  # fmt: skip
+    agreement = np.mean([g is not None and g == m for g, m in zip(greedy, majority)])
+    assert metrics["base_majority_agreement"] == pytest.approx(agreement)
+    assert 0 < agreement < 1  # the toy base's greedy shortcut often misses its samples' (careful) majority
+    assert metrics["top_answer_share"] == pytest.approx(max(greedy.count(a) for a in set(greedy) - {None}) / 12)
+    assert metrics["base_top_answer_share"] == pytest.approx(
+        max(base_greedy.count(a) for a in set(base_greedy) - {None}) / 12
+    )
+    # pi_base's part is computed once: a second evaluation (of another policy) generates nothing with pi_base
+    assert len(majority_cache) == 12
+    calls = []
+    generate = base.generate
+    base.generate = lambda *args, **kwargs: calls.append(1) or generate(*args, **kwargs)
+    again = measure_prompts(
+        contexts(perturbed_copy(toy_model, 0.05), base), toy_tokenizer, prompt_ids, num_samples=k,
+        max_new_tokens=length, prompts_per_call=per_call, seed=seed, extractor=extract_answer,
+        base_majority=majority_cache, base_greedy=greedy_cache,
+    )  # fmt: skip
+    assert not calls and [r.base_majority_answer for r in again] == majority
+
+
+def test_top_answer_share_counts_no_answer_in_the_total_only():
+    records = [record([-1.0], [-1.0], greedy_answer=a, base_majority_answer="7") for a in ("7", "7", None, "3")]
+    metrics = aggregate(records, 0.1)
+    assert metrics["top_answer_share"] == pytest.approx(2 / 4)
+    assert metrics["base_majority_agreement"] == pytest.approx(2 / 4)
+    assert aggregate([record([-1.0], [-1.0])], 0.1)["top_answer_share"] == 0.0  # no answer anywhere
+
+
 def test_objective_of_the_base_itself_is_its_log_likelihood(toy_model, toy_tokenizer):
     prompt_ids = [tokenize_prompt(toy_tokenizer, p) for p in load_toy_prompts("test")["prompt"][:8]]
     records = measure_prompts(contexts(toy_model, toy_model), toy_tokenizer, prompt_ids, num_samples=4,
@@ -291,6 +348,104 @@ def test_collapse_alarm(caplog, tmp_path):
         assert key in messages
     trainer = build_trainer("dpo", tmp_path, load_toy_prompts("test").select(range(2)))
     assert any(isinstance(c, CollapseAlarmCallback) for c in trainer.callback_handler.callbacks)
+
+
+def test_collapse_alarm_on_retention_metrics(caplog, tmp_path):
+    args = cpu_test_args(XPOConfig, tmp_path)
+    assert (args.collapse_top_answer_rise, args.collapse_agreement_drop) == (0.25, 0.5)
+    state = type("State", (), {"global_step": 0})()
+
+    def alarms(*evaluations, args=args):
+        alarm = CollapseAlarmCallback()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="trl_sharpen.monitoring"):
+            for step, metrics in enumerate(evaluations):
+                state.global_step = step
+                alarm.on_evaluate(args, state, None, metrics=metrics)
+        return [r.getMessage() for r in caplog.records]
+
+    # "True." to every prompt: top-answer share 0.57 (the base's) -> 0.82 fires (+0.25), 0.81 does not
+    base = {"eval_top_answer_share": 0.57, "eval_base_top_answer_share": 0.57, "eval_base_majority_agreement": 0.6}
+    assert alarms(base, {**base, "eval_top_answer_share": 0.81}) == []
+    fired = alarms(base, {**base, "eval_top_answer_share": 0.82})
+    assert len(fired) == 1 and "eval_top_answer_share" in fired[0] and "collapse_top_answer_rise" in fired[0]
+    # The echo: no answers left, agreement 0.6 -> 0.29 fires (below half its first value), 0.31 does not
+    assert alarms(base, {**base, "eval_base_majority_agreement": 0.31}) == []
+    fired = alarms(base, {**base, "eval_base_majority_agreement": 0.29})
+    assert len(fired) == 1 and "eval_base_majority_agreement" in fired[0] and "collapse_agreement_drop" in fired[0]
+    # Sharpening raises agreement (and the first value stays the reference); the thresholds are the config's
+    assert (
+        alarms(base, {**base, "eval_base_majority_agreement": 0.9}, {**base, "eval_base_majority_agreement": 0.4})
+        == []
+    )
+    strict = cpu_test_args(XPOConfig, tmp_path, collapse_top_answer_rise=0.1, collapse_agreement_drop=0.2)
+    assert (
+        len(alarms(base, {**base, "eval_top_answer_share": 0.7, "eval_base_majority_agreement": 0.45}, args=strict))
+        == 2
+    )
+    for bad in ({"collapse_top_answer_rise": 0.0}, {"collapse_agreement_drop": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            cpu_test_args(BoNSFTConfig, tmp_path, **bad)
+
+
+def test_new_metrics_have_a_direction_for_metric_for_best_model(tmp_path):
+    for metric, direction in [("base_majority_agreement", True), ("eval_top_answer_share", False),
+                              ("base_top_answer_share", False)]:  # fmt: skip
+        assert (
+            cpu_test_args(SelfRewardDPOConfig, tmp_path, metric_for_best_model=metric).greater_is_better is direction
+        )
+
+
+def test_the_base_is_evaluated_first_and_saved_as_a_candidate(tmp_path):
+    heldout = load_toy_prompts("train").select(range(900, 904)).remove_columns("answer")
+    trainer = build_trainer(
+        "dpo", tmp_path, heldout, max_steps=1, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+        save_steps=1, save_only_model=True, load_best_model_at_end=True, eval_num_prompts=4, eval_num_samples=2,
+    )  # fmt: skip
+    assert trainer.args.eval_on_start  # evaluate_base (default) turned it on: a prompt-only eval set is monitored
+    trainer.train()
+    steps = [e["step"] for e in trainer.state.log_history if "eval_objective" in e]
+    assert steps[0] == 0  # pi_base itself was evaluated, before the first step
+    assert (tmp_path / "checkpoint-0").is_dir()
+    off = build_trainer("dpo", tmp_path / "off", heldout, eval_strategy="steps", evaluate_base=False)
+    assert not off.args.eval_on_start
+    no_monitoring = build_trainer("dpo", tmp_path / "none", None)
+    assert not no_monitoring.args.eval_on_start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_the_base_wins_selection_on_a_run_built_to_collapse(tmp_path, capsys, peft):
+    """DPO at a learning rate 500x the recipes' wrecks the toy policy within a few steps: the base, evaluated at
+    step 0, must win selection, the run must say so, and the model in hand must be pi_base (with LoRA: the adapter as
+    initialized, which changes nothing)."""
+    heldout = load_toy_prompts("train").select(range(900, 916)).remove_columns("answer")
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None
+    trainer = build_trainer(
+        "dpo", tmp_path, heldout, peft_config=lora, learning_rate=0.5 if not peft else 2.0, max_steps=4, lr_scheduler_type="constant",
+        eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2, save_only_model=True,
+        load_best_model_at_end=True, metric_for_best_model="objective", eval_num_prompts=16,
+        eval_num_samples=4,
+    )  # fmt: skip
+    trainer.train()
+    evaluations = {e["step"]: e["eval_objective"] for e in trainer.state.log_history if "eval_objective" in e}
+    assert sorted(evaluations) == [0, 2, 4]
+    assert evaluations[0] > max(evaluations[2], evaluations[4]) + 10  # it did collapse, by more than 10 nats
+    assert trainer.state.best_global_step == 0 and trainer.base_won
+    out = capsys.readouterr().out
+    assert "The base model won" in out
+    if peft:
+        assert "zero-effect" in out
+        lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
+        assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)
+        assert trainer.evaluate()["eval_kl"] == pytest.approx(0.0, abs=1e-5)
+        return
+    base = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH).state_dict()
+    for name, parameter in trainer.model.state_dict().items():
+        assert torch.equal(parameter, base[name]), name
+    trainer.save_model(str(tmp_path / "final"))
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final")).state_dict()
+    assert all(torch.equal(saved[name], base[name]) for name in base)
 
 
 @pytest.mark.slow

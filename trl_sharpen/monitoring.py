@@ -18,19 +18,36 @@ the KL estimated per sample as log pi(y|x) - log pi_base(y|x), and logs it with 
 | `eval_greedy_base_logprob` | mean log pi_base of the policy's greedy outputs (the paper's log-likelihood lift) |
 | `eval_sharpening_error` | delta = mean 1 - pi(y*|x), y* = argmax pi_base (see `sharpening_error_against_base`) |
 | `eval_distinct_answers` | distinct final answers among the k samples of a prompt (answers that parse) |
+| `eval_base_majority_agreement` | share of prompts whose greedy answer is pi_base's majority answer over k samples |
+| `eval_top_answer_share` | share of prompts whose greedy answer is the most common greedy answer across prompts |
+| `eval_base_top_answer_share` | the same for pi_base's greedy outputs (a constant of the run: the alarm's baseline) |
 | `eval_mean_length`, `eval_clipped_ratio` | sample length in tokens, share of samples cut at the length limit |
 | `eval_greedy_accuracy`, `eval_bon_accuracy` | only when the rows carry reference answers: greedy and BoN@k |
+
+The two retention metrics need no labels and catch what sharpening toward a self-reward can do on a real model:
+`base_majority_agreement` falls when the policy stops giving the answer pi_base's own samples agree on (an echo of
+the question has no answer at all), and `top_answer_share` rises when it gives one answer to every prompt ("True."
+everywhere). A prompt where pi_base's samples give no answer counts as disagreement, as does a greedy output
+without one.
 
 `eval_bon_accuracy` is Best-of-k by log pi_base among the k samples (complete samples before truncated ones, exact
 expectation over ties). `metric_for_best_model: objective` with `load_best_model_at_end: true` then keeps Algorithm 1's
 argmax_t J_beta(pi_t) among the saved checkpoints, and `transformers.EarlyStoppingCallback` stops a run whose J_beta
 has not improved for K evaluations. `CollapseAlarmCallback`, added to every trainer, warns when distinct answers,
-length or J_beta fall sharply below their best so far.
+length or J_beta fall sharply below their best so far, when `top_answer_share` exceeds pi_base's by
+`collapse_top_answer_rise` or more, or when `base_majority_agreement` falls below (1 - `collapse_agreement_drop`)
+times its first value.
+
+The base is a candidate: with a prompt-only `eval_dataset` and an `eval_strategy`, pi_base itself is evaluated before
+the first step (`evaluate_base`, which sets TrainingArguments' `eval_on_start`). With `load_best_model_at_end` it is
+saved as `checkpoint-0` and competes with the trained iterates; if it wins, the run says so in one line and the model
+loaded at the end is pi_base (with PEFT, the adapter as initialized, which LoRA makes zero-effect).
 
 Cost per evaluation, for P = `eval_num_prompts` prompts and k = `eval_num_samples` (logged each time): P * (k + 1)
 policy generations (k samples at temperature 1, one greedy), P * (k + 1) no-grad pi_base forwards (samples and greedy
 outputs) and P no-grad policy forwards (pi_base's greedy output, for delta), plus P pi_base greedy generations once per
-run (cached: pi_base does not change). Generation runs `per_device_eval_batch_size` prompts (times k) per call.
+run (cached: pi_base does not change), and P * k pi_base samples once per run for its majority answers. Generation
+runs `per_device_eval_batch_size` prompts (times k) per call.
 """
 
 from __future__ import annotations
@@ -38,22 +55,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, is_peft_model
 from transformers import TrainerCallback
 
 from .answers import get_answer_extractor
+from .checkpoints import check_resume_checkpoint
 from .data import tokenize_prompt
 from .evaluation import check_answers, get_answer_checker
 from .generation import generate_completions, sampling_config, seeded
 from .logprobs import sequence_logprobs
 from .metrics import best_of_n_selection_probabilities
 from .report import SampleSet, sharpening_errors
+from .sampling_arguments import check_finite_numbers
 
 
 logger = logging.getLogger(__name__)
@@ -65,10 +86,15 @@ DEFAULT_OBJECTIVE_BETA = 0.1  # for configs without a `beta` (SFT): TRL's DPO de
 HIGHER_IS_BETTER = {
     "objective": True,
     "base_logprob": True,
+    "kl": False,  # distance from pi_base: the objective's penalty term, never a reason to keep an iterate
+    "entropy": False,  # sharpening lowers it; use `objective` to select, this only tells which iterate is sharpest
     "greedy_base_logprob": True,
     "greedy_accuracy": True,
     "bon_accuracy": True,
     "distinct_answers": True,
+    "base_majority_agreement": True,
+    "top_answer_share": False,  # one answer for every prompt is the collapse it measures
+    "base_top_answer_share": False,  # a constant of the run (pi_base's), listed so every metric has a direction
     "mean_length": True,
     "sharpening_error": False,
     "clipped_ratio": False,
@@ -141,6 +167,29 @@ class MonitoringArguments:
         default=0.5,
         metadata={"help": "Alarm when eval_mean_length < (1 - this) * its best (longest) so far (0.5: halved)."},
     )
+    collapse_top_answer_rise: float = field(
+        default=0.25,
+        metadata={
+            "help": "Alarm when eval_top_answer_share (share of prompts whose greedy answer is the most common one) "
+            "is at least this much above pi_base's own (eval_base_top_answer_share): e.g. 'True.' to every prompt."
+        },
+    )
+    collapse_agreement_drop: float = field(
+        default=0.5,
+        metadata={
+            "help": "Alarm when eval_base_majority_agreement < (1 - this) * its first value (0.5: halved; the first "
+            "evaluation is pi_base's own under evaluate_base): the policy stopped giving the answers pi_base's "
+            "samples agree on."
+        },
+    )
+    evaluate_base: bool = field(
+        default=True,
+        metadata={
+            "help": "Evaluate pi_base before the first step (sets eval_on_start when a prompt-only eval_dataset is "
+            "monitored), so that with load_best_model_at_end the base is a candidate (saved as checkpoint-0): a run "
+            "that only made the model worse ends with pi_base, and says so. false: eval_on_start as given."
+        },
+    )
     collapse_objective_drop: float = field(
         default=2.0,
         metadata={
@@ -152,6 +201,7 @@ class MonitoringArguments:
     )
 
     def __post_init__(self):
+        check_finite_numbers(self)  # every float field, this class's and the rest of the config's (nan, inf)
         for name in ("eval_num_samples", "eval_num_prompts"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -164,12 +214,19 @@ class MonitoringArguments:
             raise ValueError(f"collapse_length_drop={self.collapse_length_drop} must be in (0, 1].")
         if not self.collapse_objective_drop > 0:
             raise ValueError(f"collapse_objective_drop={self.collapse_objective_drop} must be > 0.")
+        if not 0 < self.collapse_top_answer_rise <= 1:
+            raise ValueError(
+                f"collapse_top_answer_rise={self.collapse_top_answer_rise} must be in (0, 1] (a share of prompts)."
+            )
+        if not 0 < self.collapse_agreement_drop <= 1:
+            raise ValueError(f"collapse_agreement_drop={self.collapse_agreement_drop} must be in (0, 1].")
         # Our evaluation has no eval_loss: selecting the best iterate defaults to J_beta (Algorithm 1), not to "loss"
         if getattr(self, "load_best_model_at_end", False) and getattr(self, "metric_for_best_model", "") is None:
             self.metric_for_best_model = "objective"
         # "objective", "eval_objective", or "eval_<dataset>_objective" with several eval datasets
         metric = getattr(self, "metric_for_best_model", None) or ""
-        name = next((key for key in HIGHER_IS_BETTER if metric == key or metric.endswith(f"_{key}")), None)
+        names = sorted(HIGHER_IS_BETTER, key=len, reverse=True)  # base_top_answer_share before top_answer_share
+        name = next((key for key in names if metric == key or metric.endswith(f"_{key}")), None)
         if name is not None:
             direction = HIGHER_IS_BETTER[name]
             if getattr(self, "greater_is_better", None) is None:
@@ -179,6 +236,14 @@ class MonitoringArguments:
                     f"greater_is_better={self.greater_is_better} with metric_for_best_model={name!r}: that metric is "
                     f"{'higher' if direction else 'lower'}-is-better. Leave greater_is_better unset."
                 )
+        elif metric and not metric.endswith("loss") and getattr(self, "greater_is_better", None) is None:
+            # transformers would guess higher-is-better for any name not ending in "loss" (a typo is only found at
+            # the first evaluation, a metric such as a distance is silently maximized)
+            raise ValueError(
+                f"metric_for_best_model={metric!r} is not a metric with a known direction: use one of "
+                f"{sorted(HIGHER_IS_BETTER)} (their direction is set for you), or set greater_is_better for a metric "
+                "of your own."
+            )
         super().__post_init__()
 
     @property
@@ -207,6 +272,22 @@ class PromptRecord:
     greedy_correct: bool | None = None
     greedy_truncated: bool = False  # cut at the length limit: a prefix, not a response
     base_greedy_truncated: bool = False
+    greedy_answer: str | None = None  # the final answer of the policy's greedy output
+    base_greedy_answer: str | None = None  # of pi_base's greedy output
+    base_majority_answer: str | None = None  # the most common answer of k pi_base samples (None: none answered)
+
+
+def majority_answer(answers: Sequence[str | None]) -> str | None:
+    """The most common answer that parses (first in sample order on ties), None when none does."""
+    counts = Counter(a for a in answers if a is not None)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def top_answer_share(answers: Sequence[str | None]) -> float:
+    """Share of prompts whose answer is the single most common answer across prompts (no answer counts in the total,
+    never as the top answer)."""
+    counts = Counter(a for a in answers if a is not None)
+    return max(counts.values()) / len(answers) if counts else 0.0
 
 
 def sharpening_error_against_base(record: PromptRecord) -> float:
@@ -258,6 +339,11 @@ def aggregate(records: Sequence[PromptRecord], beta: float) -> dict[str, float]:
         "greedy_base_logprob": per_prompt(lambda r: r.greedy_base_logprob),
         "sharpening_error": per_prompt(sharpening_error_against_base),
         "distinct_answers": per_prompt(lambda r: len({a for a in r.sample_answers if a is not None})),
+        "base_majority_agreement": per_prompt(
+            lambda r: float(r.greedy_answer is not None and r.greedy_answer == r.base_majority_answer)
+        ),
+        "top_answer_share": top_answer_share([r.greedy_answer for r in records]),
+        "base_top_answer_share": top_answer_share([r.base_greedy_answer for r in records]),
         "mean_length": per_prompt(lambda r: np.mean(r.sample_lengths)),
         "clipped_ratio": per_prompt(lambda r: np.mean(r.sample_truncated)),
     }
@@ -279,7 +365,7 @@ class EvaluationCost:
     seconds: float
 
     def describe(self) -> str:
-        base = f", {self.base_generations} pi_base greedy generations (once per run)" if self.base_generations else ""
+        base = f", {self.base_generations} pi_base generations (once per run)" if self.base_generations else ""
         return (
             f"{self.prompts} prompts: {self.policy_generations} policy generations{base}, {self.base_forwards} "
             f"pi_base scoring forwards, {self.policy_forwards} policy scoring forwards, {self.seconds:.1f} s"
@@ -312,9 +398,11 @@ def measure_prompts(
     answers: Sequence | None = None,
     checker=None,
     base_greedy: dict | None = None,
+    base_majority: dict | None = None,
 ) -> list[PromptRecord]:
     """Sample and score what `aggregate` needs, for `prompt_ids`. `model_context(from_base)` yields the model to
-    generate and score with: the policy, or pi_base. `base_greedy` caches pi_base's greedy outputs by prompt."""
+    generate and score with: the policy, or pi_base. `base_greedy` caches pi_base's greedy outputs by prompt, and
+    `base_majority` the majority answer of its `num_samples` samples (pi_base is fixed: both are computed once)."""
     micro = prompts_per_call * num_samples
     cache = {} if base_greedy is None else base_greedy
     missing = [i for i, ids in enumerate(prompt_ids) if tuple(ids) not in cache]
@@ -325,6 +413,17 @@ def measure_prompts(
         for i, ids, logprob, cut in zip(missing, done.completion_ids, done.logprobs, done.truncated):
             cache[tuple(prompt_ids[i])] = (ids, logprob, cut)
     base_greedy_ids = [cache[tuple(ids)][0] for ids in prompt_ids]
+    majority = {} if base_majority is None else base_majority
+    missing = [i for i, ids in enumerate(prompt_ids) if tuple(ids) not in majority]
+    if missing:
+        with model_context(True) as base, seeded(base, seed):
+            drawn = _generate(base, tokenizer, [prompt_ids[i] for i in missing], num_samples=num_samples,
+                              do_sample=True, max_new_tokens=max_new_tokens,
+                              prompts_per_call=prompts_per_call)  # fmt: skip
+        drawn_texts = tokenizer.batch_decode(drawn.completion_ids, skip_special_tokens=True)
+        for j, i in enumerate(missing):
+            answers_of_base = [extractor(text) for text in drawn_texts[j * num_samples : (j + 1) * num_samples]]
+            majority[tuple(prompt_ids[i])] = majority_answer(answers_of_base)
 
     with model_context(False) as policy:
         greedy = _generate(policy, tokenizer, prompt_ids, num_samples=1, do_sample=False,
@@ -339,10 +438,11 @@ def measure_prompts(
         greedy_base = _score(base, prompt_ids, greedy.completion_ids, micro)
 
     texts = tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=True)
+    greedy_texts = tokenizer.batch_decode(greedy.completion_ids, skip_special_tokens=True)
+    base_greedy_texts = tokenizer.batch_decode(base_greedy_ids, skip_special_tokens=True)
     correct = greedy_correct = None
     if answers is not None:
         correct, _ = check_answers(checker, texts, [answers[i] for i in samples.prompt_index])
-        greedy_texts = tokenizer.batch_decode(greedy.completion_ids, skip_special_tokens=True)
         greedy_correct, _ = check_answers(checker, greedy_texts, answers)
     records = []
     for p in range(len(prompt_ids)):
@@ -362,6 +462,9 @@ def measure_prompts(
                 greedy_correct=None if greedy_correct is None else greedy_correct[p],
                 greedy_truncated=greedy.truncated[p],
                 base_greedy_truncated=cache[tuple(prompt_ids[p])][2],
+                greedy_answer=extractor(greedy_texts[p]),
+                base_greedy_answer=extractor(base_greedy_texts[p]),
+                base_majority_answer=majority[tuple(prompt_ids[p])],
             )
         )
     return records
@@ -381,9 +484,60 @@ class SharpeningMonitorMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._base_greedy_cache: dict = {}  # pi_base's greedy outputs: pi_base is fixed (re-anchoring clears it)
+        self._base_majority_cache: dict = {}  # pi_base's majority answers, likewise
         self.last_evaluation_cost: EvaluationCost | None = None
         if getattr(self.args, "collapse_alarm", False):
             self.add_callback(CollapseAlarmCallback())
+        if self._monitoring_on() and getattr(self.args, "evaluate_base", False):
+            self.args.eval_on_start = True  # pi_base is a candidate: evaluated (and saved, see `_evaluate`) at step 0
+
+    def _monitoring_on(self) -> bool:
+        """Whether the Trainer's schedule evaluates a prompt-only dataset (the sharpening metrics)."""
+        datasets = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        scheduled = str(getattr(self.args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO")
+        return scheduled and any(d is not None and is_prompt_only(d) for d in datasets)
+
+    def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler: bool = False):
+        """The Trainer's scheduled evaluation. At step 0 (`eval_on_start`, set by `evaluate_base`) the policy is pi_base:
+        with `load_best_model_at_end` its score enters the best-model race and it is saved as `checkpoint-0`, so the
+        Trainer can load it back at the end. (The Trainer neither ranks the start evaluation nor saves a checkpoint
+        at step 0, and it treats `best_global_step = 0` as unset: `_save_checkpoint` would never point at it.)"""
+        metrics = super()._evaluate(trial, ignore_keys_for_eval, skip_scheduler=skip_scheduler)
+        args = self.args
+        if self.state.global_step == 0 and args.load_best_model_at_end and args.metric_for_best_model:
+            self._determine_best_metric(metrics=metrics, trial=trial)
+            self.state.best_global_step = 0
+            self._save_checkpoint(self.model_wrapped, trial)
+            self.state.best_model_checkpoint = os.path.join(self._get_output_dir(trial), "checkpoint-0")
+            self._base_checkpoint_metric = self.state.best_metric
+        return metrics
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # `true` is the last checkpoint in output_dir; a checkpoint that lacks a file the resumed run needs (optimizer,
+        # RNG state, XPO's replay buffer) is refused: transformers would restart that state without a word
+        resume_from_checkpoint = check_resume_checkpoint(self, resume_from_checkpoint)
+        self._base_checkpoint_metric, self.base_won = None, False
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._report_if_the_base_won()
+        return output
+
+    def _report_if_the_base_won(self) -> None:
+        """One line when load_best_model_at_end kept pi_base: training did not beat the model it started from."""
+        state, args = self.state, self.args
+        if self._base_checkpoint_metric is None or not args.load_best_model_at_end:
+            return
+        if state.best_model_checkpoint is None or os.path.basename(state.best_model_checkpoint) != "checkpoint-0":
+            return
+        peft = " (PEFT: the adapter as initialized, which LoRA's zero-initialized B makes zero-effect)"
+        message = (
+            f"The base model won: no trained iterate beat pi_base's {args.metric_for_best_model} = "
+            f"{state.best_metric:.4g} (step 0), so load_best_model_at_end restored pi_base"
+            f"{peft if is_peft_model(self.model) else ''}; the saved model is the base."
+        )
+        self.base_won = True
+        if self.accelerator.is_main_process:
+            logger.warning(message)
+            print(message, flush=True)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
@@ -417,7 +571,8 @@ class SharpeningMonitorMixin:
         max_new_tokens = args.max_completion_length  # the training length limit, so clipped_ratio means the same
         if getattr(args, "reanchor_steps", 0):
             self._base_greedy_cache.clear()  # pi_base moves with re-anchoring
-        cached = len(self._base_greedy_cache)
+            self._base_majority_cache.clear()
+        cached, cached_majority = len(self._base_greedy_cache), len(self._base_majority_cache)
         records = measure_prompts(
             self._monitoring_model,
             tokenizer,
@@ -430,6 +585,7 @@ class SharpeningMonitorMixin:
             answers=None if answers is None else [answers[i] for i in indices],
             checker=checker,
             base_greedy=self._base_greedy_cache,
+            base_majority=self._base_majority_cache,
         )
         gathered = gather_object(list(zip(indices, records))) if world > 1 else list(zip(indices, records))
         unique = dict(gathered)  # padding repeats an index
@@ -439,7 +595,8 @@ class SharpeningMonitorMixin:
         self.last_evaluation_cost = EvaluationCost(
             prompts=rows,
             policy_generations=generated * (args.eval_num_samples + 1),
-            base_generations=(len(self._base_greedy_cache) - cached) * world,
+            base_generations=(len(self._base_greedy_cache) - cached) * world
+            + (len(self._base_majority_cache) - cached_majority) * world * args.eval_num_samples,
             base_forwards=generated * (args.eval_num_samples + 1),
             policy_forwards=generated,
             seconds=seconds,
@@ -462,15 +619,45 @@ class CollapseAlarmCallback(TrainerCallback):
       of nats; healthy sharpening toward longer answers can cost a nat or two);
     - the mean sample length below (1 - `collapse_length_drop`) x its longest so far (back to degenerate short outputs);
     - distinct answers below `collapse_min_distinct_answers` after having been above it (the samples stopped giving an
-      answer). Sharpening itself lowers distinct answers from ~k toward 1, so a relative fall is no alarm.
+      answer). Sharpening itself lowers distinct answers from ~k toward 1, so a relative fall is no alarm;
+    - `top_answer_share` at least `collapse_top_answer_rise` above pi_base's (`base_top_answer_share`, same
+      evaluation): one answer for every prompt;
+    - `base_majority_agreement` below (1 - `collapse_agreement_drop`) x its first value: the policy no longer gives
+      the answers pi_base's samples agree on.
 
     Each alarm names the metric, its best and current values, and points at `load_best_model_at_end` /
     `EarlyStoppingCallback`."""
 
     def __init__(self):
         self.best: dict[str, float] = {}
+        self.first: dict[str, float] = {}
+
+    def _warn(self, state, key: str, value: float, why: str) -> None:
+        logger.warning(
+            "Possible collapse at step %d: %s = %.4g, %s. Keep the best iterate with load_best_model_at_end and "
+            "metric_for_best_model (the base is a candidate); stop early with transformers.EarlyStoppingCallback.",
+            state.global_step, key, value, why,
+        )  # fmt: skip
+
+    def _check_retention(self, args, state, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)):
+                continue
+            if key.endswith("_top_answer_share") and not key.endswith("_base_top_answer_share"):
+                base = metrics.get(key.removesuffix("top_answer_share") + "base_top_answer_share")
+                rise = getattr(args, "collapse_top_answer_rise", 0.25)
+                if isinstance(base, (int, float)) and value - base >= rise - 1e-12:
+                    why = f"{value - base:.3g} above pi_base's {base:.4g} (collapse_top_answer_rise = {rise:g})"
+                    self._warn(state, key, value, why)
+            elif key.endswith("_base_majority_agreement"):
+                first = self.first.setdefault(key, value)
+                drop = getattr(args, "collapse_agreement_drop", 0.5)
+                if value < (1 - drop) * first:
+                    why = f"below {(1 - drop) * first:.4g} = (1 - collapse_agreement_drop {drop:g}) x its first {first:.4g}"
+                    self._warn(state, key, value, why)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self._check_retention(args, state, metrics or {})
         for key, value in (metrics or {}).items():
             for suffix, threshold_field in (
                 ("_distinct_answers", "collapse_min_distinct_answers"),
