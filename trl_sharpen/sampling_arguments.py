@@ -27,6 +27,7 @@ from typing import Any
 
 
 TRUNCATION_POLICIES = ("keep", "penalize", "drop")
+MIN_TEMPERATURE = 1e-3  # logits / T stay far below float32's range (vLLM samples greedily below 1e-5)
 
 # old name -> current name, for YAML / command-line fields and for the Python API's keyword arguments
 DEPRECATED_NAMES = {
@@ -50,12 +51,34 @@ def _is_number(value) -> bool:
 def check_int(name: str, value, minimum: int, fix: str) -> None:
     """Refuse non-integers (YAML `true` is a bool, `2.5` a float: neither is a count) and values below `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}. {fix}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {show_value(value)}. {fix}")
 
 
 def check_number(name: str, value, rule: str, ok: bool, fix: str) -> None:
     if not _is_number(value) or not ok:
-        raise ValueError(f"{name} must be {rule}, got {value!r}. {fix}")
+        raise ValueError(f"{name} must be {rule}, got {show_value(value)}. {fix}")
+
+
+def show_value(value) -> str:
+    """`repr(value)`, with huge numbers abbreviated (a 300-digit integer in a message hides the message)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
+        return f"{float(value):.3g}" if abs(value) < 10**308 else f"an integer of {len(str(abs(value)))} digits"
+    return repr(value)
+
+
+def check_finite_numbers(config) -> None:
+    """Every float setting of a dataclass config, its own fields and inherited ones (TrainingArguments', TRL's), one
+    value or a list of values, must be a finite number. NaN passes every `<` / `>` range check (`eval_beta=nan` gave
+    a NaN objective, so load-best kept the last iterate) and inf overflows mid-training (`beta=inf`, `alpha=nan`).
+    Applied generically, so that no float field is left out."""
+    for config_field in dataclasses.fields(config):
+        value = getattr(config, config_field.name, None)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(
+                    f"{config_field.name} must be a finite number, got {item!r}. Set a real value (or leave it unset "
+                    "for its default)."
+                )
 
 
 def warn_deprecated(old: str, new: str) -> None:
@@ -100,9 +123,15 @@ class GenerationArguments:
 
     def __post_init__(self):
         self._resolve_deprecated_names()
+        check_finite_numbers(self)
         check_number(
             "temperature", self.temperature, "> 0", _is_number(self.temperature) and self.temperature > 0,
             "Sampling needs a temperature > 0 (the paper samples at 1.0); greedy accuracy is reported separately.",
+        )  # fmt: skip
+        # Logits / 1e-300 overflow (float32 reads 1e-300 as 0): below MIN_TEMPERATURE sampling is greedy in all but name
+        check_number(
+            "temperature", self.temperature, f">= {MIN_TEMPERATURE}", self.temperature >= MIN_TEMPERATURE,
+            "Lower temperatures overflow the logits; greedy accuracy is reported separately.",
         )  # fmt: skip
         check_number(
             "top_p", self.top_p, "in (0, 1]", _is_number(self.top_p) and 0 < self.top_p <= 1,

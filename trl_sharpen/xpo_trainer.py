@@ -21,8 +21,9 @@ import os
 import textwrap
 
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .checkpoints import check_resume_checkpoint
 from .generation import Completions
 from .pairs import select_pairs
 from .paper import SHARPENING_PAPER
@@ -109,16 +110,22 @@ class XPOTrainer(SelfRewardDPOTrainer):
         os.makedirs(folder, exist_ok=True)
         torch.save(list(self.replay_buffer), replay_buffer_file(folder, self.args.process_index))
 
+    def extra_checkpoint_files(self, checkpoint_dir) -> list[str]:
+        """What a resumed run needs beyond the Trainer's files (checked by `trl_sharpen.checkpoints`): this process's
+        replay buffer, when there is one."""
+        if not self.args.replay_buffer_size:
+            return []
+        return [os.path.basename(replay_buffer_file(str(checkpoint_dir), self.args.process_index))]
+
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
-        # Resuming restores this process's replay buffer from the checkpoint (saved by `_save_checkpoint`)
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+        # Resuming restores this process's replay buffer from the checkpoint (saved by `_save_checkpoint`); a
+        # checkpoint without it is refused (`check_resume_checkpoint`), `true` is the last checkpoint in output_dir
+        checkpoint = check_resume_checkpoint(self, resume_from_checkpoint)
         if isinstance(checkpoint, str) and os.path.exists(replay_buffer_file(checkpoint, self.args.process_index)):
             stored = torch.load(replay_buffer_file(checkpoint, self.args.process_index), weights_only=False)
             self.replay_buffer.clear()
             self.replay_buffer.extend(stored)
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        return super().train(checkpoint, trial, ignore_keys_for_eval)
 
     # ----------------------------------------------------------------------------------------- per-step pairs
     def _prepare_inputs(self, inputs):
