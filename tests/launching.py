@@ -78,6 +78,9 @@ RECIPES = [
     Recipe("sft_sharpen", "sft-sharpening", ("--num_samples", "4", "--bon_shard_size", "4")),
     Recipe("dpo_sharpen", "rlhf-sharpening"),
     Recipe("xpo_sharpen", "xpo"),
+    # GRPO/RLOO batches count completions: 16 = 4 prompts x 4 generations per process and step, as BATCH prompts above
+    Recipe("grpo_sharpen", "rlhf-sharpening", ("--per_device_train_batch_size", "16", "--num_generations", "4")),
+    Recipe("rloo_sharpen", "rlhf-sharpening", ("--per_device_train_batch_size", "16", "--num_generations", "4")),
 ]
 
 
