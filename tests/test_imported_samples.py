@@ -92,11 +92,8 @@ def test_text_completions_are_tokenized_with_eos_unless_cut(tmp_path, generated)
 def test_engine_logprobs_are_cross_checked_and_used(tmp_path, generated, per_token):
     model, tokenizer, prompts, prompt_ids, samples = generated
     ids = per_prompt(samples.completion_ids)
-    if per_token:  # the engine's per-token values: here the sequence value spread evenly (only the sum is used)
-        values = [
-            [[lp / len(c)] * len(c) for lp, c in zip(lps, cs)] for lps, cs in zip(per_prompt(samples.logprobs), ids)
-        ]
-        columns = {"token_logprobs": values}
+    if per_token:  # the engine's per-token values, cross-checked per token; their sums are the sequence values
+        columns = {"token_logprobs": per_prompt(token_logprobs(model, prompt_ids, samples))}
     else:
         columns = {"logprobs": per_prompt(samples.logprobs)}
     path = write_rows(
@@ -117,7 +114,9 @@ def test_temperature_scaled_logprobs_are_refused(tmp_path, generated):
     )
     # The toy base is nearly deterministic on most samples (0.01-0.03 nats per token apart at temperature 0.7, up to
     # 0.2 on the least likely), so this checks every row; the default 1% suits models with real uncertainty
-    with pytest.raises(ValueError, match="disagree with the model's own scoring: row .* temperature 1"):
+    with pytest.raises(
+        ValueError, match=r"line \d+: the log-probs .*disagree with the model's own scoring.* temperature 1"
+    ):
         best_of_n_from_samples(model, tokenizer, path, check_fraction=1.0, output_dir=tmp_path / "bon")
     assert not (tmp_path / "bon").exists()  # refused before anything was written
 
@@ -125,8 +124,11 @@ def test_temperature_scaled_logprobs_are_refused(tmp_path, generated):
 @pytest.mark.parametrize(
     "row, match",
     [
-        ({"prompt": "Q : 1 + 2 = ?"}, "exactly one of them"),
-        ({"prompt": "Q : 1 + 2 = ?", "completions": ["a"], "completion_ids": [[1]]}, "exactly one of them"),
+        ({"prompt": "Q : 1 + 2 = ?"}, "give the samples as `completion_ids` .* and/or `completions`"),
+        (
+            {"prompt": "Q : 1 + 2 = ?", "completions": ["a"], "completion_ids": [[1]]},
+            "here but `completions` .* line 1",
+        ),
         ({"prompt": "Q : 1 + 2 = ?", "completion_ids": [["a"]]}, "integer token ids"),
         ({"prompt": "Q : 1 + 2 = ?", "completions": ["a", "b"], "logprobs": [-1.0]}, "one entry per completion"),
         ({"prompt": "Q : 1 + 2 = ?", "completions": ["a"], "finish_reasons": ["eos"]}, "finish reasons"),
@@ -187,3 +189,336 @@ def test_cli_bon_samples_file(tmp_path, generated):
     assert f"Best-of-N: {NUM_PROMPTS} prompts, {NUM_PROMPTS * N} samples" in result.stdout
     assert f"BoN@{N} accuracy (logprob)" in result.stdout
     check_best_of_n_rows(load_from_disk(str(tmp_path / "bon")), samples, prompts, samples.logprobs)
+
+
+# --- Values, alignment and terminators (issue 19's samples-file cases, issue 18 case 7) -------------------------------
+
+
+def token_logprobs(model, prompt_ids, samples):
+    """Per completion, log pi_base of each of its tokens (raw logits, temperature 1): what vLLM reports per token."""
+    values = []
+    with torch.no_grad():
+        for p, ids in zip(samples.prompt_index, samples.completion_ids):
+            logits = model(input_ids=torch.tensor([prompt_ids[p] + ids])).logits[0, len(prompt_ids[p]) - 1 : -1]
+            values.append(logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1).tolist())
+    return values
+
+
+def rows_of(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def rewrite(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def ids_file(tmp_path, generated, **extra):
+    _, _, prompts, _, samples = generated
+    return write_rows(tmp_path / "s.jsonl", prompts, completion_ids=per_prompt(samples.completion_ids), **extra)
+
+
+@pytest.mark.parametrize("key, value", [("logprobs", 0.7), ("logprobs", float("nan")), ("token_logprobs", 0.2)])
+def test_every_rows_logprobs_must_be_finite_and_not_positive(tmp_path, generated, key, value):
+    """One bad value on line 5 of 6 is refused with its line, whichever rows the cross-check samples."""
+    model, tokenizer, prompts, prompt_ids, samples = generated
+    columns = {"logprobs": per_prompt(samples.logprobs)}
+    if key == "token_logprobs":
+        columns = {"token_logprobs": per_prompt(token_logprobs(model, prompt_ids, samples))}
+    rows = rows_of(ids_file(tmp_path, generated, **columns))
+    if key == "logprobs":
+        rows[4]["logprobs"][1] = value
+    else:
+        rows[4]["token_logprobs"][1][0] = value
+    path = rewrite(tmp_path / "s.jsonl", rows)
+    with pytest.raises(ValueError, match=rf"s.jsonl, line 5: `{key}` of completion 2\b.* is (NaN|0.7|0.2, positive)"):
+        best_of_n_from_samples(model, tokenizer, path)
+
+
+def test_logprobs_in_the_wrong_order_are_caught_by_the_cross_check(tmp_path, generated):
+    """Log-probs listed in another order than their completions: the default check covers at least 32 rows (here all
+    6), not 1%; line 2 is one the old single-row check never drew."""
+    model, tokenizer, *_ = generated
+    rows = rows_of(ids_file(tmp_path, generated, logprobs=per_prompt(generated[4].logprobs)))
+    rows[1]["logprobs"] = rows[1]["logprobs"][::-1]
+    path = rewrite(tmp_path / "s.jsonl", rows)
+    with pytest.raises(ValueError, match=r"line 2: .*disagree with the model's own scoring"):
+        best_of_n_from_samples(model, tokenizer, path)
+
+
+def test_per_token_logprobs_are_cross_checked_per_token(tmp_path, generated):
+    """Per-token values in the wrong order keep their sum: a per-sequence check passes them, a per-token one not."""
+    model, tokenizer, prompts, prompt_ids, samples = generated
+    values = per_prompt(token_logprobs(model, prompt_ids, samples))
+    rows = rows_of(ids_file(tmp_path, generated, token_logprobs=values))
+    rows[0]["token_logprobs"] = [v[::-1] for v in rows[0]["token_logprobs"]]
+    path = rewrite(tmp_path / "s.jsonl", rows)
+    with pytest.raises(ValueError, match=r"line 1: .*per token"):
+        best_of_n_from_samples(model, tokenizer, path, check_fraction=1.0)
+
+
+def test_vllm_shaped_token_logprobs_are_accepted(tmp_path, generated):
+    """vLLM's per-position dicts ({token id: {"logprob", "rank", "decoded_token"}}), OpenAI-style {"logprob"} items
+    and per-token lists under `logprobs` give the same dataset as plain per-token lists."""
+    model, tokenizer, prompts, prompt_ids, samples = generated
+    values = per_prompt(token_logprobs(model, prompt_ids, samples))
+    ids = per_prompt(samples.completion_ids)
+    vllm = [
+        [[{str(t): {"logprob": v, "rank": 1, "decoded_token": "x"}} for t, v in zip(c, lp)] for c, lp in zip(cs, lps)]
+        for cs, lps in zip(ids, values)
+    ]
+    openai = [[[{"token": "x", "logprob": v} for v in lp] for lp in lps] for lps in values]
+    expected = best_of_n_from_samples(model, tokenizer, ids_file(tmp_path, generated, token_logprobs=values))
+    for columns in ({"token_logprobs": vllm}, {"token_logprobs": openai}, {"logprobs": values}):
+        dataset = best_of_n_from_samples(model, tokenizer, ids_file(tmp_path, generated, **columns))
+        for row, reference, lps in zip(dataset["base_logprobs"], expected["base_logprobs"], values, strict=True):
+            assert row == pytest.approx(reference) and row == pytest.approx([sum(v) for v in lps], abs=1e-5)
+    # A vLLM dict for another token than the sampled one: the values are not aligned with the ids
+    vllm[2][1][0] = {"7": {"logprob": -0.1}}
+    with pytest.raises(ValueError, match=r"line 3: .*completion 2, token 1: .*token 7.*sampled token"):
+        best_of_n_from_samples(model, tokenizer, ids_file(tmp_path, generated, token_logprobs=vllm))
+
+
+def test_prompt_ids_of_another_prompt_are_refused(tmp_path, generated):
+    model, tokenizer, prompts, prompt_ids, samples = generated
+    shifted = prompt_ids[1:] + prompt_ids[:1]
+    path = ids_file(tmp_path, generated, prompt_ids=shifted)
+    with pytest.raises(ValueError, match=r"line 1: `prompt_ids` decode to .* not to this row's prompt"):
+        best_of_n_from_samples(model, tokenizer, path)
+    # The engine's own tokenization of the same prompt is accepted and used
+    dataset = best_of_n_from_samples(model, tokenizer, ids_file(tmp_path, generated, prompt_ids=prompt_ids))
+    assert dataset["prompt_ids"] == prompt_ids
+
+
+def test_completion_ids_that_start_with_the_prompt_are_refused(tmp_path, generated):
+    """HF `generate` returns prompt + completion: such rows are refused, naming the line and the fix."""
+    model, tokenizer, prompts, prompt_ids, samples = generated
+    ids = per_prompt([prompt_ids[p] + c for p, c in zip(samples.prompt_index, samples.completion_ids)])
+    path = write_rows(tmp_path / "s.jsonl", prompts, completion_ids=ids)
+    with pytest.raises(ValueError, match=r"line 1: .*start with the prompt's 9 token ids.*only the generated tokens"):
+        best_of_n_from_samples(model, tokenizer, path)
+
+
+def test_right_padded_completions_are_unpadded(tmp_path, generated, caplog):
+    """Completions padded to one length (with pad ids, after EOS or not) score and flag as the unpadded ones."""
+    model, tokenizer, prompts, prompt_ids, samples = generated
+    width = max(map(len, samples.completion_ids)) + 2
+    padded = [c + [tokenizer.pad_token_id] * (width - len(c)) for c in samples.completion_ids]
+    path = write_rows(tmp_path / "s.jsonl", prompts, completion_ids=per_prompt(padded))
+    check_best_of_n_rows(best_of_n_from_samples(model, tokenizer, path), samples, prompts, samples.logprobs)
+    assert f"{len(padded)} completions ended in padding" in caplog.text
+    # Something other than padding after the EOS is not a completion
+    rows = rows_of(path)
+    rows[0]["completion_ids"][2] = rows[0]["completion_ids"][2][:3] + [12, 24]
+    with pytest.raises(ValueError, match=r"line 1: completion 3 goes on after its EOS id"):
+        best_of_n_from_samples(model, tokenizer, rewrite(path, rows))
+
+
+def test_text_that_ends_in_the_eos_text_gets_no_second_eos(tmp_path, generated):
+    model, tokenizer, prompts, prompt_ids, samples = generated
+    texts = per_prompt(tokenizer.batch_decode(samples.completion_ids, skip_special_tokens=False))
+    assert texts[0][2].endswith("<eos>")
+    path = write_rows(tmp_path / "s.jsonl", prompts, completions=texts, finish_reasons=finish_reasons(samples))
+    check_best_of_n_rows(best_of_n_from_samples(model, tokenizer, path), samples, prompts, samples.logprobs)
+
+
+def test_text_that_does_not_survive_tokenization_is_refused(tmp_path, generated):
+    """Out-of-vocabulary text becomes <unk> (and an empty stored completion): refused, naming the line."""
+    model, tokenizer, prompts, *_ = generated
+    path = write_rows(tmp_path / "s.jsonl", prompts, completions=[["answer 3", "zebra!"]] * NUM_PROMPTS)
+    with pytest.raises(
+        ValueError,
+        match=r"line 1: completion 2 \('zebra!'\) does not survive tokenization: it becomes '<unk>.*completion_ids",
+    ):
+        best_of_n_from_samples(model, tokenizer, path)
+
+
+def test_finish_reason_length_on_ids_ending_in_eos_is_refused(tmp_path, generated):
+    model, tokenizer, prompts, _, samples = generated
+    reasons = per_prompt(["length"] * len(samples.completion_ids))
+    path = ids_file(tmp_path, generated, finish_reasons=reasons)
+    with pytest.raises(ValueError, match=r"line 1: completion 3 ends with the EOS id 1 but its finish reason is"):
+        best_of_n_from_samples(model, tokenizer, path)
+
+
+def test_completions_longer_than_the_limits_are_refused(tmp_path, generated):
+    model, tokenizer, *_ = generated
+    path = ids_file(tmp_path, generated)
+    with pytest.raises(ValueError, match=r"line 1: completion 1 has 12 tokens, more than max_completion_length=10"):
+        best_of_n_from_samples(model, tokenizer, path, max_completion_length=10)
+    rows = rows_of(path)
+    rows[3]["completion_ids"][0] = [12] * 130
+    with pytest.raises(ValueError, match=r"line 4: .*139 tokens.*model's context of 128"):
+        best_of_n_from_samples(model, tokenizer, rewrite(path, rows), max_completion_length=200)
+
+
+def test_columns_are_the_union_of_all_rows(tmp_path, generated):
+    """A key missing on some rows is refused naming them (it used to vanish when line 1 lacked it)."""
+    model, tokenizer, prompts, *_ = generated
+    rows = rows_of(ids_file(tmp_path, generated))
+    del rows[0]["answer"]
+    with pytest.raises(ValueError, match=r"line 1: no `answer`, which lines 2-6 have.*null"):
+        best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", rows))
+    rows[0]["answer"] = None  # explicit: kept, with null on that row
+    dataset = best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", rows))
+    assert dataset["answer"] == [None, *prompts["answer"][1:]]
+
+
+@pytest.mark.parametrize("column", ["rewards", "selected_index", "prompt_index", "base_logprobs"])
+def test_columns_best_of_n_writes_are_refused(tmp_path, generated, column):
+    model, tokenizer, prompts, _, samples = generated
+    path = ids_file(tmp_path, generated, **{column: per_prompt(list(range(len(samples.completion_ids))))})
+    with pytest.raises(ValueError, match=rf"`{column}` is a column Best-of-N writes.*Rename it"):
+        best_of_n_from_samples(model, tokenizer, path)
+
+
+def test_type_mismatch_and_mixed_rows_name_the_line(tmp_path, generated):
+    model, tokenizer, prompts, _, samples = generated
+    rows = rows_of(ids_file(tmp_path, generated))
+    rows[2]["answer"] = [1, 2]
+    with pytest.raises(ValueError, match=r"line 3: `answer` is a list here but a string on line 1"):
+        best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", rows))
+    rows = rows_of(ids_file(tmp_path, generated))
+    rows[3] = {**rows[3], "completions": ["answer 3"]}
+    del rows[3]["completion_ids"]
+    with pytest.raises(
+        ValueError, match=r"line 4: .*`completions` \(text\) here but `completion_ids` \(token ids\) on line 1"
+    ):
+        best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", rows))
+
+
+@pytest.mark.parametrize("bad, match", [(-3, "negative"), (113, "outside the model's vocabulary of 113")])
+def test_out_of_range_token_ids_name_the_line(tmp_path, generated, bad, match):
+    model, tokenizer, *_ = generated
+    rows = rows_of(ids_file(tmp_path, generated))
+    rows[4]["completion_ids"][1][0] = bad
+    with pytest.raises(ValueError, match=rf"s.jsonl, line 5: completion 2 has token id {bad}.*{match}"):
+        best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", rows))
+
+
+def test_sampling_settings_that_do_not_apply_are_refused(tmp_path, generated):
+    """The samples are drawn already: a temperature or N of ours would be silently ignored."""
+    model, tokenizer, *_ = generated
+    for setting in ({"temperature": 0.7}, {"num_samples": 8}, {"adaptive_delta": 0.1}):
+        with pytest.raises(ValueError, match=rf"{next(iter(setting))}=.* does not apply to imported samples"):
+            best_of_n_from_samples(model, tokenizer, ids_file(tmp_path, generated), **setting)
+
+
+def test_cli_applies_num_prompts_and_chat_prompts(tmp_path, generated):
+    from trl_sharpen.cli import BestOfNArguments
+    from trl_sharpen.imported_samples import samples_file_prompts
+
+    path = ids_file(tmp_path, generated)
+    args = BestOfNArguments(output_dir=str(tmp_path / "bon"), samples_file=str(path), num_prompts=2, chat_prompts=True)
+    prompts = samples_file_prompts(args)
+    assert len(prompts) == 2 and prompts.rows[0]["prompt"] == [{"role": "user", "content": generated[2][0]["prompt"]}]
+    args = BestOfNArguments(output_dir=str(tmp_path / "bon"), samples_file=str(path), dataset_name="x.jsonl")
+    with pytest.raises(ValueError, match="--dataset_name .* --samples_file.*one of them"):
+        samples_file_prompts(args)
+
+
+# --- Terminators of text completions (issue 18 case 7) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    """A random tiny Llama on the toy tokenizer plus an `<end_of_turn>` token that closes assistant turns, with
+    Gemma-3-it's EOS list (end-of-text first, end-of-turn second)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL_PATH)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|> ' + m['content'] + ' ' }}{% else %}"
+        "{{ '<|assistant|> ' + m['content'] + '<end_of_turn>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=[1, end_of_turn],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = [1, end_of_turn]
+    return model, tokenizer, end_of_turn
+
+
+def test_chat_text_completions_end_with_the_end_of_turn_token(tmp_path, chat_model):
+    model, tokenizer, end_of_turn = chat_model
+    answer = tokenizer("answer 3", add_special_tokens=False)["input_ids"]
+    chat = {"prompt": [{"role": "user", "content": "Q : 1 + 2 = ?"}], "completions": ["answer 3"]}
+    dataset = best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", [chat]))
+    assert dataset["completion_ids"] == [[answer + [end_of_turn]]]
+    plain = {"prompt": "Q : 1 + 2 = ?", "completions": ["answer 3"]}  # after plain text: the tokenizer's EOS
+    dataset = best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", [plain]))
+    assert dataset["completion_ids"] == [[answer + [tokenizer.eos_token_id]]]
+
+
+def test_stop_string_endings_get_no_eos(tmp_path, generated):
+    """Finish reason "stop" from a stop string (vLLM's `stop_reason` names it, or the text ends with one of
+    --stop_strings) ends the completion without an EOS; the stop string vLLM leaves out of the text is put back."""
+    model, tokenizer, *_ = generated
+    rows = [
+        {"prompt": "Q : 1 + 2 = ?", "completions": ["1 + 2 = 3 .", "answer 3", "1 + 2"],
+         "finish_reasons": ["stop", "stop", "stop"], "stop_reasons": [None, None, " = 3 ."]},
+    ]  # fmt: skip
+    dataset = best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", rows))
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("1 + 2 = 3 .", "answer 3", "1 + 2 = 3 .")]
+    assert dataset[0]["completion_ids"] == [ids[0] + [1], ids[1] + [1], ids[2]]
+    assert dataset[0]["truncated"] == [False, False, False]
+    del rows[0]["stop_reasons"]
+    dataset = best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", rows), stop_strings=["."])
+    assert dataset[0]["completion_ids"] == [ids[0], ids[1] + [1], tokenizer("1 + 2", add_special_tokens=False)[
+        "input_ids"] + [1]]  # fmt: skip
+
+
+def bpe_model():
+    """A byte-level BPE tokenizer where 'answer' is one token and also spelled by its letters, and a random Llama."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(["the answer is 42", "an answer"] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_engine_ids_win_over_text_that_retokenizes_differently(tmp_path, caplog):
+    """With both `completions` and `completion_ids`, the engine's ids are scored; rows whose text re-tokenizes to
+    other ids are counted in a warning (their log-probs would differ)."""
+    from trl_sharpen.logprobs import sequence_logprobs
+
+    model, tokenizer = bpe_model()
+    canonical = tokenizer("the answer", add_special_tokens=False)["input_ids"]
+    spelled = tokenizer("the ", add_special_tokens=False)["input_ids"] + [
+        tokenizer.convert_tokens_to_ids(ch) for ch in "answer"
+    ]
+    assert tokenizer.decode(spelled) == "the answer" and spelled != canonical
+    eos = tokenizer.eos_token_id
+    rows = [
+        {"prompt": "is 42", "completions": ["the answer"] * 2, "completion_ids": [spelled + [eos], canonical + [eos]]},
+        {"prompt": "an", "completions": ["the answer"], "completion_ids": [canonical + [eos]]},
+    ]
+    dataset = best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", rows))
+    assert dataset[0]["completion_ids"] == [spelled + [eos], canonical + [eos]]
+    prompt = tokenizer("is 42")["input_ids"]
+    with torch.no_grad():
+        expected = sequence_logprobs(model, [prompt, prompt], [spelled + [eos], canonical + [eos]]).tolist()
+    assert dataset[0]["base_logprobs"] == pytest.approx(expected, abs=1e-5)
+    assert abs(expected[0] - expected[1]) > 0.1  # re-tokenizing would have changed the score
+    assert "1 completion (in 1 of 2 rows) re-tokenizes to other ids" in caplog.text
+    # Text and ids that are not the same completion: refused
+    rows[1]["completions"] = ["an answer"]
+    with pytest.raises(ValueError, match=r"line 2: completion 1's text .* is not what its `completion_ids` decode to"):
+        best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", rows))

@@ -217,10 +217,11 @@ def run_best_of_n(args: BestOfNArguments, model_args):
     get_self_reward(args.self_reward)  # an unknown name or 'module:function' path
     extractor = get_answer_extractor(args.answer_extractor)
     if args.samples_file is not None:
-        from .imported_samples import load_samples_file
+        from .imported_samples import check_settings_apply, samples_file_prompts
 
+        check_settings_apply(args)  # temperature, N, ...: the engine drew the samples
+        prompts = samples_file_prompts(args)  # every line checked, the prompt options applied, before the model loads
         args.dataset_name = args.samples_file  # named in the messages below
-        prompts = load_samples_file(args.samples_file)  # checked line by line before the model loads
     else:
         prompts = args.load_prompts()
     if args.answer_column is not None and args.answer_column not in prompts.column_names:
