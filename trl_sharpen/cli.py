@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Light imports only (standard library underneath): `trl-sharpen --help` must not load torch
-from .errors import check_model_path, check_output_dir, clear_errors
+from .errors import check_lora_options, check_model_path, check_output_dir, clear_errors
 from .output_dir import output_dir_lock
 from .real_models import ConvertArguments, resolve_model_name_or_path, run_convert
 from .sampling_arguments import BestOfNSamplingArguments, SamplingArguments, field_like
@@ -157,6 +157,7 @@ def check_model_config(model_args) -> None:
             "--use_peft adds a new adapter for training; bon and eval sample from a model as it is. Pass a trained "
             "adapter folder as --model_name_or_path instead (it is loaded with its base)."
         )
+    check_lora_options(model_args)  # --lora_r ... without --use_peft: ignored, say so
 
 
 def device():
@@ -229,6 +230,10 @@ def run_best_of_n(args: BestOfNArguments, model_args):
             f"--answer_column {args.answer_column!r} is not a column of {args.dataset_name} (columns: "
             f"{prompts.column_names}); name the column with the reference answers, or leave --answer_column unset."
         )
+    if args.answer_column is not None:
+        from .evaluation import reference_answers
+
+        reference_answers(prompts, args.answer_column)  # rows without a reference: refused, as `eval` refuses them
     path = resolve_model_path(model_args.model_name_or_path)
     state = distributed_state()  # under `accelerate launch`: the shards are split across the processes
     model = load_model(model_args, path, args.trust_remote_code)

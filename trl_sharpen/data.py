@@ -59,8 +59,18 @@ def _check_every_prompt(prompts, first_row: int = 0) -> None:
             raise ValueError(f"Row {index} of the prompts is not a usable prompt: {problem}. {PROMPT_ONLY_HELP}")
 
 
+def refuse_single_string(value, name: str = "prompts") -> None:
+    """A string where a list is expected is a sequence of characters: one prompt per character. Refuse it."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(
+            f"{name} is a single string ({value[:40]!r}{'...' if len(value) > 40 else ''}), not a list: it would be "
+            f"read as one {name[:-1] if name.endswith('s') else name} per character. Pass a list, e.g. [{value[:20]!r}]."
+        )
+
+
 def validate_prompt_dataset(dataset: Dataset | Sequence, prompt_column: str = "prompt") -> None:
     """Raise a `ValueError` that names the problem when `dataset` is not a usable prompt-only dataset."""
+    refuse_single_string(dataset)
     if isinstance(dataset, Dataset):
         columns = dataset.column_names
         if len(dataset) == 0:
@@ -203,6 +213,7 @@ def tokenize_prompts(
     tokenizer, prompts: Sequence, max_new_tokens: int = 0, max_length: int | None = None
 ) -> list[list[int]]:
     """Tokenize all prompts, refusing any prompt that leaves no room for `max_new_tokens` within `max_length`."""
+    refuse_single_string(prompts)
     token_ids = [tokenize_prompt(tokenizer, prompt) for prompt in prompts]
     for index, ids in enumerate(token_ids):
         if not ids:

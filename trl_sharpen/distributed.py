@@ -28,6 +28,7 @@ import sys
 import torch
 from accelerate import PartialState
 
+from .errors import check_lora_options
 from .fingerprints import trainable_weights_digest
 
 
@@ -90,7 +91,9 @@ def check_training_args(args) -> None:
 
 def check_model_args(model_args) -> None:
     """Checks on TRL's `ModelConfig` before any model is loaded: quantized loading (`--load_in_4bit` /
-    `--load_in_8bit`, QLoRA) needs bitsandbytes, and 4-bit loading does not train on CPU."""
+    `--load_in_8bit`, QLoRA) needs bitsandbytes, and 4-bit loading does not train on CPU; LoRA options need
+    `--use_peft`."""
+    check_lora_options(model_args)
     if not (getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False)):
         return
     if importlib.util.find_spec("bitsandbytes") is None:

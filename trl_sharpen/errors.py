@@ -9,6 +9,7 @@ other exception is a bug and keeps its traceback. Standard library only: `trl-sh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import tempfile
@@ -74,6 +75,35 @@ def check_output_dir(path: str | os.PathLike | None, option: str = "output_dir")
         ) from error
 
 
+LORA_OPTIONS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_parameters",
+    "lora_modules_to_save",
+    "lora_task_type",
+    "use_rslora",
+    "use_dora",
+)
+
+
+def check_lora_options(model_args) -> None:
+    """TRL's `ModelConfig` reads the LoRA options only with `use_peft`: without it they are silently ignored and the
+    whole model is trained. Refuse any of them set to a value other than its default."""
+    if getattr(model_args, "use_peft", True) or not dataclasses.is_dataclass(model_args):
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(model_args)}
+    given = [name for name in LORA_OPTIONS if name in defaults and getattr(model_args, name) != defaults[name]]
+    if given:
+        shown = ", ".join(f"--{name} {getattr(model_args, name)!r}" for name in given)
+        raise ValueError(
+            f"{shown} {'is' if len(given) == 1 else 'are'} set but --use_peft is not: LoRA options only configure an "
+            "adapter trained with --use_peft, so the whole model would be trained instead. Add --use_peft, or drop "
+            "the LoRA options."
+        )
+
+
 def check_model_path(name_or_path: str, resolved: str, option: str = "--model_name_or_path") -> None:
     """A local model argument must be a model folder (checked before transformers fails on it with a message about
     tokenizer packages); a name that is not a local path is left to `from_pretrained` (a Hub id)."""
@@ -84,6 +114,9 @@ def check_model_path(name_or_path: str, resolved: str, option: str = "--model_na
                 f"{option} {name_or_path} is a folder without a model (no config.json or adapter_config.json): pass "
                 "a folder written by save_pretrained, a .gguf file, an installed model package or a Hub id."
             )
+        from .checkpoints import check_model_files
+
+        check_model_files(path)  # a damaged config or weights file is named, not a bare SafetensorError / JSON error
     elif path.exists():
         raise ValueError(f"{option} {name_or_path} is a file but not a .gguf model: pass a model folder or a Hub id.")
     elif name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:

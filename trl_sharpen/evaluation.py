@@ -29,7 +29,7 @@ from accelerate.utils import is_peft_model
 from tqdm.auto import tqdm
 
 from .answers import AnswerExtractor, answers_match, get_answer_extractor, load_callable
-from .data import ensure_pad_token, model_max_length, tokenize_prompts
+from .data import ensure_pad_token, model_max_length, refuse_single_string, tokenize_prompts
 from .generation import eval_mode, generate_completions, sampling_config, seeded
 from .logprobs import sequence_logprobs
 from .metrics import validate_sample_count
@@ -360,6 +360,8 @@ def evaluate_sharpening(
         prompts = prompts[prompt_column]
     elif answers is None:
         raise ValueError("Pass the reference answers (`answers=`), or a dataset with an `answer_column`.")
+    refuse_single_string(prompts, "prompts")
+    refuse_single_string(answers, "answers")
     prompts, answers = list(prompts), list(answers)
     if len(prompts) != len(answers):
         raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} reference answers; pass one per prompt.")

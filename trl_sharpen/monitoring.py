@@ -53,6 +53,7 @@ runs `per_device_eval_batch_size` prompts (times k) per call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -476,13 +477,33 @@ def is_prompt_only(dataset) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ trainer side
+def check_reference_column(args, eval_dataset) -> None:
+    """An `eval_reference_column` set to a column the prompt-only eval dataset lacks is refused: the accuracy metrics
+    would silently be left out. The default (`answer`) may be absent: then the run logs no accuracy, as documented."""
+    column = getattr(args, "eval_reference_column", None)
+    default = next(f.default for f in dataclasses.fields(MonitoringArguments) if f.name == "eval_reference_column")
+    if not column or column == default or eval_dataset is None:
+        return
+    datasets = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]
+    for name, dataset in datasets:
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and is_prompt_only(dataset) and column not in columns:
+            raise ValueError(
+                f"eval_reference_column={column!r} is not a column of {name} (columns: {columns}): name the column "
+                "with the reference answers, or set eval_reference_column to null to log no accuracy metrics."
+            )
+
+
 class SharpeningMonitorMixin:
     """`evaluate()` for the sharpening trainers: a prompt-only eval dataset gets the label-free metrics of this
     module (the parent's own evaluation runs on any other dataset). A trainer provides `_monitoring_model(from_base)`,
     a context manager yielding the policy or pi_base, unwrapped and in eval mode, to generate and score with."""
 
     def __init__(self, *args, **kwargs):
+        if kwargs.get("args") is not None:  # before the parent's __init__ (BoNSFT samples its data there)
+            check_reference_column(kwargs["args"], kwargs.get("eval_dataset"))
         super().__init__(*args, **kwargs)
+        check_reference_column(self.args, self.eval_dataset)
         self._base_greedy_cache: dict = {}  # pi_base's greedy outputs: pi_base is fixed (re-anchoring clears it)
         self._base_majority_cache: dict = {}  # pi_base's majority answers, likewise
         self.last_evaluation_cost: EvaluationCost | None = None
