@@ -522,3 +522,24 @@ def test_engine_ids_win_over_text_that_retokenizes_differently(tmp_path, caplog)
     rows[1]["completions"] = ["an answer"]
     with pytest.raises(ValueError, match=r"line 2: completion 1's text .* is not what its `completion_ids` decode to"):
         best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", rows))
+
+
+def test_cli_refuses_bad_samples_and_options_in_one_line(tmp_path):
+    """At the command line: one `trl-sharpen: error:` line naming the file and line, before the model loads."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.jsonl"
+    rows = [{"prompt": "Q : 1 + 1 = ?", "completion_ids": [[12, 15, 1]], "logprobs": [-1.0]}] * 2
+    rows[1] = {**rows[1], "logprobs": [float("nan")]}
+    rewrite(path, rows)
+    base = ["bon", "--model_name_or_path", TOY_MODEL_PATH, "--output_dir", str(tmp_path / "bon")]
+    for options, message in (
+        (["--samples_file", str(path)], f"{path}, line 2: `logprobs` of completion 1 is NaN"),
+        (["--samples_file", str(path), "--temperature", "0.7"], "temperature=0.7 does not apply to imported samples"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "trl_sharpen.cli", *base, *options], capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(f"trl-sharpen: error: {message}")
