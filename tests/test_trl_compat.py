@@ -236,7 +236,64 @@ def test_scale_out_relies_on_accelerate_transformers_and_trl_behaviour():
     assert "self.tb_writer.add_scalar" in inspect.getsource(TensorBoardCallback.on_log)
 
 
+# SelfRewardGRPOTrainer / SelfRewardRLOOTrainer (trl_sharpen/self_reward_rl_trainer.py): (owner, name, leading
+# parameters), for both TRL trainers. No generation method is overridden (test below).
+SELF_REWARD_RL_INTERNALS = [
+    entry
+    for trainer in (trl.GRPOTrainer, trl.RLOOTrainer)
+    for entry in (
+        # overridden (wrapped: super() is called with the same arguments)
+        (
+            trainer,
+            "_get_per_token_logps_and_entropies",
+            ["self", "model", "input_ids", "attention_mask", "logits_to_keep"],
+        ),
+        (trainer, "_calculate_rewards", ["self", "inputs", "prompts", "completions", "completion_ids_list"]),
+        # called
+        (trainer, "_tokenize_prompts", ["self", "prompts"]),
+        (trainer, "__init__", ["self", "model", "reward_funcs", "args"]),
+    )
+] + [
+    (trl.trainer.utils, "use_adapter", ["model", "adapter_name"]),
+    (trl.trainer.utils, "create_model_from_path", ["model_id"]),
+    (trl.models, "prepare_deepspeed", ["model", "accelerator"]),
+    (trl.models.utils, "disable_gradient_checkpointing", ["model", "gradient_checkpointing_kwargs"]),
+    UNWRAP_MODEL_FOR_GENERATION,
+]
+
+
+@pytest.mark.parametrize("trainer", [trl.GRPOTrainer, trl.RLOOTrainer], ids=lambda t: t.__name__)
+def test_self_reward_rl_relies_on_the_reference_pass_preceding_the_rewards(trainer):
+    from trl_sharpen.self_reward_rl_trainer import SelfRewardRLMixin
+
+    source = inspect.getsource(trainer._generate_and_score_completions)
+    # TRL's reference log-probs (beta != 0) are computed, through `_get_per_token_logps_and_entropies` on the
+    # reference model or on the adapter-disabled policy, before the rewards: we sum them into log pi_base
+    reference = source.index("if self.beta != 0.0:\n                if self.ref_model is not None:")
+    assert reference < source.index("self._calculate_rewards(inputs, prompts, completions, completion_ids_list)")
+    assert 'use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None)' in source
+    assert "prompt_completion_ids = torch.cat([prompt_ids, completion_ids], dim=1)" in source
+    assert "logits_to_keep = completion_ids.size(1)" in source
+    # rewards are gathered after the reward functions ran, and grouped as consecutive rows of num_generations
+    assert "rewards_per_func = gather(rewards_per_func)" in inspect.getsource(trainer._calculate_rewards)
+    assert "view(-1, num_generations)" in source
+    assert 'num_generations = self.num_generations if mode == "train" else self.num_generations_eval' in source
+    # the reference's fused LM head divides the logits by the sampling temperature (so we reuse only at T = 1)
+    init = inspect.getsource(trainer.__init__)
+    assert "add_fused_lm_head(self.ref_model,temperature=self.temperature" in "".join(init.split())
+    for attribute in ("self.temperature", "self.beta", "self.ref_model", "self.num_generations_eval"):
+        assert f"{attribute} =" in init, attribute
+    # `_tokenize_prompts` is what `_generate` tokenises with (our pi_base pass reads the same prompt ids)
+    assert "prompt_ids, images, multimodal_fields = self._tokenize_prompts(prompts)" in inspect.getsource(
+        trainer._generate
+    )
+    # generation stays TRL's own (use_vllm keeps working): the mixin overrides none of it
+    generation = {"_generate", "_generate_single_turn", "_generate_and_score_completions", "_prepare_inputs"}
+    assert not generation & set(vars(SelfRewardRLMixin))
+
+
 INTERNALS = {
+    "self_reward_rl": SELF_REWARD_RL_INTERNALS,
     "self_reward_dpo": SELF_REWARD_DPO_INTERNALS,
     "bon_sft": BON_SFT_INTERNALS,
     "xpo": XPO_INTERNALS,
