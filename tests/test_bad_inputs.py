@@ -280,3 +280,220 @@ def test_recipe_loaders_refuse_a_non_model_folder_and_a_missing_dataset_file():
         load_model_name_and_tokenizer(ModelConfig(model_name_or_path=TOY_DATA_DIR), training_args=None)
     with pytest.raises(FileNotFoundError, match=f"The dataset file {MISSING} does not exist"):
         load_prompt_datasets(SharpenScriptArguments(dataset_name=MISSING))
+
+
+# Issue 19: silent wrong results (C) and unclear errors (B), outside samples files ----------------------------------
+
+
+def test_bon_refuses_rows_without_a_reference_answer_like_eval(cli_error, tmp_path):
+    data = tmp_path / "nulls.jsonl"
+    data.write_text('{"prompt": "Q : 1 + 2 = ?", "answer": "3"}\n{"prompt": "Q : 2 + 2 = ?", "answer": null}\n')
+    for command in ("bon", "eval"):
+        argv = [command, "--model_name_or_path", TOY_MODEL_PATH, "--dataset_name", str(data), "--answer_column"]
+        line = cli_error([*argv, "answer"])
+        assert line.startswith("trl-sharpen: error: 1 rows have no reference answer in `answer` (first: row 2"), line
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num_test", "-5"], "--num_test must be a whole number from 1 to 100,000, got -5."),
+        (["--num_train", "0"], "--num_train must be a whole number from 1 to 100,000, got 0."),
+        (["--num_train", "1000000000"], "--num_train must be a whole number from 1 to 100,000, got 1e+09."),
+        (["--num_shots", "-1"], "--num_shots must be a whole number from 0 to 64, got -1."),
+    ],
+)
+def test_task_sizes_outside_their_range_are_refused_before_writing(tmp_path, capsys, argv, message):
+    from trl_sharpen.tasks.__main__ import main as tasks_main
+
+    for task in ("arithmetic", "prontoqa"):
+        with pytest.raises(SystemExit) as exit_info:
+            tasks_main([task, "--output_dir", str(tmp_path / "out"), *argv])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+FINITE = "must be a finite number, got {}."
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "overrides", "message"),
+    [
+        ("SelfRewardDPOConfig", {"eval_beta": float("nan")}, "eval_beta " + FINITE.format("nan")),
+        ("SelfRewardDPOConfig", {"beta": float("inf")}, "beta " + FINITE.format("inf")),
+        ("XPOConfig", {"alpha": float("nan")}, "alpha " + FINITE.format("nan")),
+        ("XPOConfig", {"alpha": [0.1, float("inf")]}, "alpha " + FINITE.format("inf")),
+        ("SelfRewardDPOConfig", {"temperature": 1e-300}, "temperature must be >= 0.001, got 1e-300."),
+        ("SelfRewardDPOConfig", {"tie_tolerance": float("nan")}, "tie_tolerance " + FINITE.format("nan")),
+        # fields inherited from TrainingArguments / TRL are covered by the same helper
+        ("SelfRewardDPOConfig", {"learning_rate": float("nan")}, "learning_rate " + FINITE.format("nan")),
+        ("SelfRewardDPOConfig", {"max_grad_norm": float("inf")}, "max_grad_norm " + FINITE.format("inf")),
+        ("BoNSFTConfig", {"truncation_penalty": float("inf")}, "truncation_penalty " + FINITE.format("inf")),
+        ("BoNSFTConfig", {"collapse_length_drop": float("nan")}, "collapse_length_drop " + FINITE.format("nan")),
+        ("BoNSFTConfig", {"adam_beta1": float("nan")}, "adam_beta1 " + FINITE.format("nan")),
+    ],
+)
+def test_every_float_setting_must_be_finite(tmp_path, cls_name, overrides, message):
+    from trl_sharpen import BoNSFTConfig, SelfRewardDPOConfig, XPOConfig
+
+    cls = {"SelfRewardDPOConfig": SelfRewardDPOConfig, "XPOConfig": XPOConfig, "BoNSFTConfig": BoNSFTConfig}[cls_name]
+    with pytest.raises(ValueError) as error:
+        cpu_test_args(cls, tmp_path / "out", **overrides)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_every_float_field_of_our_configs_is_checked(tmp_path):
+    """Generic, so held-out float settings are covered: NaN in any float field of any config is refused."""
+    import dataclasses
+
+    from trl_sharpen import BoNSFTConfig, SelfRewardDPOConfig, XPOConfig
+
+    for cls in (BoNSFTConfig, SelfRewardDPOConfig, XPOConfig):
+        config = cpu_test_args(cls, tmp_path / "out")
+        floats = [f.name for f in dataclasses.fields(cls) if isinstance(getattr(config, f.name), float)]
+        assert len(floats) > 10, floats
+        for name in floats:
+            with pytest.raises(ValueError, match=f"{name} must be|{name}="):
+                cpu_test_args(cls, tmp_path / "out", **{name: float("nan")})
+
+
+def test_cli_floats_and_huge_numbers(cli_error):
+    assert cli_error([*BON, "--temperature", "nan"]).startswith("trl-sharpen: error: temperature must be")
+    assert cli_error([*EVAL, "--temperature", "1e-300"]).startswith(
+        "trl-sharpen: error: temperature must be >= 0.001, got 1e-300."
+    )
+    line = cli_error([*BON, "--shard_size", "-" + "9" * 300])
+    assert line.startswith("trl-sharpen: error: shard_size must be an integer >= 1, got -1e+300.")
+    line = cli_error([*BON, "--shard_size", "-" + "9" * 400])
+    assert line.startswith("trl-sharpen: error: shard_size must be an integer >= 1, got an integer of 400 digits.")
+
+
+@pytest.mark.parametrize(
+    ("metric", "expected"),
+    [("kl", False), ("eval_kl", False), ("entropy", False), ("objective", True), ("loss", False), ("kll", None)],
+)
+def test_metric_for_best_model_has_a_direction_or_is_refused(tmp_path, metric, expected):
+    from trl_sharpen import SelfRewardDPOConfig
+
+    kwargs = {"metric_for_best_model": metric, "eval_strategy": "steps", "save_strategy": "steps"}
+    if expected is None:
+        with pytest.raises(
+            ValueError, match=f"metric_for_best_model='{metric}' is not a metric with a known direction"
+        ):
+            cpu_test_args(SelfRewardDPOConfig, tmp_path / "out", **kwargs)
+        # a metric of the user's own, with its direction given
+        assert cpu_test_args(SelfRewardDPOConfig, tmp_path / "out", greater_is_better=True, **kwargs)
+    else:
+        assert cpu_test_args(SelfRewardDPOConfig, tmp_path / "out", **kwargs).greater_is_better is expected
+
+
+def test_every_logged_monitoring_metric_has_a_direction(toy_model, toy_tokenizer, tmp_path):
+    """The metrics an evaluation actually logs, not a list kept by hand."""
+    from trl_sharpen import SelfRewardDPOTrainer
+    from trl_sharpen.monitoring import HIGHER_IS_BETTER
+    from trl_sharpen.toy import load_toy_prompts
+
+    args = cpu_test_args(
+        SelfRewardDPOTrainer._config_class, tmp_path, eval_num_prompts=2, eval_num_samples=2, max_completion_length=8
+    )
+    trainer = SelfRewardDPOTrainer(
+        model=toy_model,
+        args=args,
+        train_dataset=load_toy_prompts("train").select(range(4)),
+        eval_dataset=load_toy_prompts("test").select(range(2)),
+        processing_class=toy_tokenizer,
+    )
+    logged = trainer.sharpening_metrics(trainer.eval_dataset)
+    names = {key.removeprefix("eval_") for key in logged if not key.startswith("eval_cost")}
+    assert {"kl", "entropy", "objective"} <= names
+    assert names <= set(HIGHER_IS_BETTER) | {"epoch", "runtime", "samples_per_second", "steps_per_second"}, (
+        names - set(HIGHER_IS_BETTER)
+    )
+
+
+def test_eval_reference_column_missing_from_the_eval_data_is_refused(toy_model, toy_tokenizer, tmp_path):
+    from trl_sharpen import SelfRewardDPOTrainer
+    from trl_sharpen.toy import load_toy_prompts
+
+    args = cpu_test_args(SelfRewardDPOTrainer._config_class, tmp_path, eval_reference_column="solution")
+    with pytest.raises(ValueError, match=r"eval_reference_column='solution' is not a column of eval_dataset"):
+        SelfRewardDPOTrainer(
+            model=toy_model,
+            args=args,
+            train_dataset=load_toy_prompts("train").select(range(4)),
+            eval_dataset=load_toy_prompts("test").select(range(2)),
+            processing_class=toy_tokenizer,
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "delete"),
+    [("self_reward_dpo", "optimizer.pt"), ("xpo", "xpo_replay_buffer_0.pt"), ("bon_sft", "scheduler.pt")],
+)
+def test_resume_from_an_incomplete_checkpoint_is_refused(tmp_path, name, delete):
+    from tests.test_resume import make_trainer
+
+    make_trainer(name, tmp_path).train()
+    (tmp_path / "checkpoint-2" / delete).unlink()
+    resumed = make_trainer(name, tmp_path)
+    with pytest.raises(ValueError) as error:
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert str(error.value).startswith(f"Checkpoint {tmp_path}/checkpoint-2 is incomplete: {delete} is missing.")
+    assert resumed.state.global_step == 0  # refused before any step
+
+
+def test_resume_true_and_damaged_checkpoint_files(tmp_path):
+    from tests.test_resume import make_trainer
+
+    make_trainer("self_reward_dpo", tmp_path).train()
+    # `true` (the string TrainingArguments reads from the command line) is the last checkpoint in output_dir
+    resumed = make_trainer("self_reward_dpo", tmp_path)
+    resumed.train(resume_from_checkpoint="true")
+    assert resumed.state.global_step == 4
+    state = tmp_path / "checkpoint-4" / "trainer_state.json"
+    state.write_text(state.read_text()[:-10])
+    with pytest.raises(ValueError, match=rf"{state} is damaged: it is not valid JSON"):
+        make_trainer("self_reward_dpo", tmp_path).train(resume_from_checkpoint="true")
+    weights = tmp_path / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"{weights} is damaged \(truncated: "):
+        make_trainer("self_reward_dpo", tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_a_damaged_model_folder_is_named(cli_error, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(TOY_MODEL_PATH, model)
+    (model / "config.json").write_text('{"model_type": ')
+    line = cli_error(["bon", "--model_name_or_path", str(model), "--dataset_name", TEST_JSONL])
+    assert line.startswith(f"trl-sharpen: error: {model}/config.json is damaged: it is not valid JSON")
+
+
+@pytest.mark.parametrize("option", [["--lora_r", "8"], ["--lora_target_modules", "q_proj"], ["--use_dora"]])
+def test_lora_options_without_use_peft_are_refused(cli_error, tmp_path, option):
+    from recipes.dpo_sharpen import make_parser
+    from trl_sharpen.distributed import parse_args_and_config
+
+    common = ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--bf16", "false"]
+    with pytest.raises(ValueError, match=rf"{option[0]} .* set but --use_peft is not"):
+        parse_args_and_config(make_parser(), [*common, *option])
+    assert parse_args_and_config(make_parser(), [*common, "--use_peft", *option])
+    assert "is set but --use_peft is not" in cli_error([*BON, *option])
+
+
+def test_a_string_instead_of_a_prompt_list_is_refused(toy_model, toy_tokenizer):
+    from trl_sharpen import best_of_n, evaluate_sharpening
+
+    with pytest.raises(ValueError, match=r"prompts is a single string \('Q:1\+1=\?'\), not a list"):
+        best_of_n(toy_model, toy_tokenizer, "Q:1+1=?", num_samples=2)
+    with pytest.raises(ValueError, match="prompts is a single string"):
+        evaluate_sharpening(toy_model, toy_tokenizer, "Q:1+1=?", "2", num_samples=2)
+
+
+def test_a_recipe_reads_one_jsonl_file_like_bon_and_eval():
+    from trl_sharpen.script_utils import SharpenScriptArguments, load_prompt_datasets
+
+    dataset = load_prompt_datasets(SharpenScriptArguments(dataset_name=TEST_JSONL))
+    assert list(dataset) == ["train"] and len(dataset["train"]) > 0 and "answer" in dataset["train"].column_names

@@ -221,8 +221,8 @@ def reference_answers(dataset, answer_column: str = "answer") -> list:
     missing = [i for i, a in enumerate(answers) if a is None]
     if missing:
         raise ValueError(
-            f"{len(missing)} rows have no reference answer in `{answer_column}` (first: row {missing[0]}); drop or "
-            "fill them before evaluating."
+            f"{len(missing)} rows have no reference answer in `{answer_column}` (first: row {missing[0] + 1}, counting "
+            "from 1); drop or fill them before evaluating."
         )
     return answers
 
