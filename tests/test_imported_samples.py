@@ -524,10 +524,10 @@ def test_engine_ids_win_over_text_that_retokenizes_differently(tmp_path, caplog)
         best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", rows))
 
 
-def test_cli_refuses_bad_samples_and_options_in_one_line(tmp_path):
-    """At the command line: one `trl-sharpen: error:` line naming the file and line, before the model loads."""
-    import subprocess
-    import sys
+def test_cli_refuses_bad_samples_and_options_in_one_line(tmp_path, capsys):
+    """At the command line (`trl_sharpen.cli.main`, in process: both refusals come before the model loads): one
+    `trl-sharpen: error:` line naming the file and line."""
+    from trl_sharpen.cli import main
 
     path = tmp_path / "s.jsonl"
     rows = [{"prompt": "Q : 1 + 1 = ?", "completion_ids": [[12, 15, 1]], "logprobs": [-1.0]}] * 2
@@ -538,8 +538,8 @@ def test_cli_refuses_bad_samples_and_options_in_one_line(tmp_path):
         (["--samples_file", str(path)], f"{path}, line 2: `logprobs` of completion 1 is NaN"),
         (["--samples_file", str(path), "--temperature", "0.7"], "temperature=0.7 does not apply to imported samples"),
     ):
-        result = subprocess.run(
-            [sys.executable, "-m", "trl_sharpen.cli", *base, *options], capture_output=True, text=True, timeout=300
-        )
-        assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert result.stderr.strip().splitlines()[-1].startswith(f"trl-sharpen: error: {message}")
+        with pytest.raises(SystemExit) as exit_code:
+            main([*base, *options])
+        err = capsys.readouterr().err
+        assert exit_code.value.code == 1 and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith(f"trl-sharpen: error: {message}")
