@@ -173,7 +173,7 @@ def test_majority_self_reward(toy_model, toy_tokenizer, prompts):
         (
             ["Q : " + " + ".join(["1"] * 60) + " = ?"],
             {"max_new_tokens": 40},
-            "Prompt 0 is 123 tokens long.*maximum length of 128",
+            r"Prompt 1 \(counting from 1\) is 123 tokens long; with max_completion_length=40 .*maximum length of 128",
         ),
         (
             Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}),

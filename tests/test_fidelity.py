@@ -105,11 +105,11 @@ BAD_CHAT = [
 
 def test_a_later_chat_message_without_role_is_refused_naming_its_row(toy_model, toy_tokenizer):
     for prompts in (BAD_CHAT, Dataset.from_dict({"prompt": BAD_CHAT})):
-        with pytest.raises(ValueError, match=r"Row 1 .*message 1 has no `role`"):
+        with pytest.raises(ValueError, match=r"Row 2 .*message 2 has no `role`"):  # counted from 1
             validate_prompt_dataset(prompts)
-        with pytest.raises(ValueError, match=r"Row 1 .*message 1 has no `role`"):
+        with pytest.raises(ValueError, match=r"Row 2 .*message 2 has no `role`"):
             best_of_n(toy_model, toy_tokenizer, prompts, num_samples=2, **FAST)
-    with pytest.raises(ValueError, match=r"Row 2 .*int"):
+    with pytest.raises(ValueError, match=r"Row 3 .*int"):
         validate_prompt_dataset(["a", "b", 3])
 
 
@@ -120,7 +120,7 @@ def test_the_sft_trainer_checks_every_chat_row(tmp_path):
     args = BoNSFTConfig(
         output_dir=str(tmp_path), use_cpu=True, report_to="none", num_samples=2, max_completion_length=16
     )
-    with pytest.raises(ValueError, match=r"Row 1 .*message 1 has no `role`"):
+    with pytest.raises(ValueError, match=r"Row 2 .*message 2 has no `role`"):
         BoNSFTTrainer(model=TOY_MODEL_PATH, args=args, train_dataset=Dataset.from_dict({"prompt": BAD_CHAT}))
 
 
@@ -129,7 +129,7 @@ def test_the_dpo_trainer_checks_every_chat_row(toy_model, toy_tokenizer, tmp_pat
 
     from .trainer_args import online_trainer
 
-    with pytest.raises(ValueError, match=r"Row 1 .*message 1 has no `role`"):
+    with pytest.raises(ValueError, match=r"Row 2 .*message 2 has no `role`"):
         online_trainer(
             SelfRewardDPOTrainer, tmp_path, toy_model, toy_tokenizer, Dataset.from_dict({"prompt": BAD_CHAT})
         )

@@ -42,7 +42,7 @@ def prompt_problem(prompt: Any) -> str | None:
         return f"the prompt {prompt!r} is a {type(prompt).__name__}, neither a string nor a list of chat messages"
     if not prompt:
         return "the prompt is an empty list of chat messages"
-    for index, message in enumerate(prompt):
+    for index, message in enumerate(prompt, start=1):  # counted from 1, like rows and lines in every message
         if not isinstance(message, dict):
             return f"message {index} is a {type(message).__name__}, not a dict like {{'role': ..., 'content': ...}}"
         if not isinstance(message.get("role"), str):
@@ -53,10 +53,12 @@ def prompt_problem(prompt: Any) -> str | None:
 
 
 def _check_every_prompt(prompts, first_row: int = 0) -> None:
-    for index, prompt in enumerate(prompts, start=first_row):
+    for index, prompt in enumerate(prompts, start=first_row + 1):
         problem = prompt_problem(prompt)
         if problem is not None:
-            raise ValueError(f"Row {index} of the prompts is not a usable prompt: {problem}. {PROMPT_ONLY_HELP}")
+            raise ValueError(
+                f"Row {index} of the prompts (counting from 1) is not a usable prompt: {problem}. {PROMPT_ONLY_HELP}"
+            )
 
 
 def refuse_single_string(value, name: str = "prompts") -> None:
@@ -215,14 +217,14 @@ def tokenize_prompts(
     """Tokenize all prompts, refusing any prompt that leaves no room for `max_new_tokens` within `max_length`."""
     refuse_single_string(prompts)
     token_ids = [tokenize_prompt(tokenizer, prompt) for prompt in prompts]
-    for index, ids in enumerate(token_ids):
+    for index, ids in enumerate(token_ids, start=1):  # counted from 1, like rows and lines in every message
         if not ids:
             raise ValueError(f"Prompt {index} tokenizes to no tokens; a completion needs a non-empty prompt.")
         if max_length is not None and len(ids) + max_new_tokens > max_length:
             raise ValueError(
-                f"Prompt {index} is {len(ids)} tokens long; with max_new_tokens={max_new_tokens} that exceeds the "
-                f"model's maximum length of {max_length} tokens. Shorten or filter the prompt, or lower "
-                "max_new_tokens."
+                f"Prompt {index} (counting from 1) is {len(ids)} tokens long; with max_completion_length="
+                f"{max_new_tokens} that exceeds the model's maximum length of {max_length} tokens. Shorten or filter "
+                "the prompt, or lower max_completion_length."
             )
     return token_ids
 
