@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from datasets import load_from_disk
+from datasets import Dataset, load_from_disk
 
 from trl_sharpen.best_of_n_sampling import RUN_FILE, select_best
 from trl_sharpen.data import tokenize_prompt
@@ -543,3 +543,17 @@ def test_cli_refuses_bad_samples_and_options_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert exit_code.value.code == 1 and "Traceback" not in err
         assert err.strip().splitlines()[-1].startswith(f"trl-sharpen: error: {message}")
+
+
+def test_null_logprobs_and_in_memory_rows_are_named(tmp_path, generated):
+    """vLLM's cumulative_logprob is None when log-probs were not requested: named, not read as per-token values.
+    Rows passed from Python (a list or a `Dataset`) are named by their index."""
+    model, tokenizer, prompts, _, samples = generated
+    rows = rows_of(ids_file(tmp_path, generated, logprobs=per_prompt(samples.logprobs)))
+    rows[2]["logprobs"][0] = None
+    with pytest.raises(ValueError, match=r"line 3: `logprobs` of completion 1 is null"):
+        best_of_n_from_samples(model, tokenizer, rewrite(tmp_path / "s.jsonl", rows))
+    rows[2]["logprobs"][0] = 0.5
+    for in_memory in (rows, Dataset.from_list(rows)):
+        with pytest.raises(ValueError, match=r"samples\[2\]: `logprobs` of completion 1 is 0.5, positive"):
+            best_of_n_from_samples(model, tokenizer, in_memory)
