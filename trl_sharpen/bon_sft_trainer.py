@@ -423,6 +423,10 @@ class BoNSFTTrainer(SharpeningMonitorMixin, SFTTrainer):
             )
             return prepare_deepspeed(base, self.accelerator)
         base = copy.deepcopy(self.model).eval()
+        # TRL's fused LM head replaces the instance's `forward` by a closure over the policy's bound forward, which a
+        # deep copy keeps: the copy's forward would run the policy. The frozen base only generates and scores, with the
+        # class's own forward.
+        base.__dict__.pop("forward", None)
         base.requires_grad_(False)
         return base
 

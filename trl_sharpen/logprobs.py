@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import logging
 from collections.abc import Sequence
 
 import torch
 from accelerate.utils import extract_model_from_parallel, is_peft_model
 
 
+logger = logging.getLogger(__name__)
 TokenIds = torch.Tensor | Sequence[Sequence[int]]
 
 # Float32 logits alive at a time while scoring: the positions projected through the LM head at once are
@@ -178,7 +180,14 @@ def verified_logit_transform(causal_lm: torch.nn.Module):
         hidden = causal_lm.base_model(input_ids=ids, use_cache=False).last_hidden_state
         got = head_logits(causal_lm.get_output_embeddings(), hidden, transform)
         error = (got - expected).abs().max().item()
-        return error <= check_tolerance(causal_lm) * max(1.0, expected.abs().max().item())
+        exact = error <= check_tolerance(causal_lm) * max(1.0, expected.abs().max().item())
+        if not exact:
+            logger.warning(
+                "%s: the LM head after the backbone gives logits %.3g away from the model's own forward; scoring with "
+                "the model's forward (slower). If that forward was patched, check that it is this model's.",
+                type(causal_lm).__name__, error,
+            )  # fmt: skip
+        return exact
 
     try:
         exact = once_per_model(causal_lm, "logit_transform", check)
@@ -569,9 +578,13 @@ def add_cpu_lm_head(model: torch.nn.Module, outputs: Sequence[str] = ("log_probs
     module; returns the same `FusedCausalLMOutput`. Temperature 1 only (DPO's policy forward)."""
     import types
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
     from trl.trainer.utils import FusedCausalLMOutput
 
     fused_forward = model.forward
+    # Checked now, before any training hook sees the check's forward; None (a head transform we do not reproduce,
+    # or ZeRO-3, where the LM head is never on the CPU path) sends every call to TRL's forward
+    transform = None if is_deepspeed_zero3_enabled() else verified_logit_transform(model)
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     outputs = tuple(name for name in outputs if name != "log_probs")
 
@@ -582,9 +595,7 @@ def add_cpu_lm_head(model: torch.nn.Module, outputs: Sequence[str] = ("log_probs
             use_cpu = False  # generation, context parallelism, MoE auxiliary loss: TRL's forward handles them
         else:
             use_cpu = uses_cpu_lm_head(head.weight.device, int((labels[:, 1:] != -100).sum()), vocab_size)
-        # An architecture whose head transform we do not reproduce (checked once per model) goes to TRL's forward
-        transform = verified_logit_transform(self) if use_cpu else None
-        if transform is None:
+        if not use_cpu or transform is None:
             return fused_forward(
                 *args,
                 fused_lm_head=fused_lm_head,
