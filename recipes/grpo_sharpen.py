@@ -42,7 +42,7 @@ TRAINER, CONFIG = SelfRewardGRPOTrainer, SelfRewardGRPOConfig
 
 
 def main(script_args: SharpenScriptArguments, training_args, model_args: ModelConfig):
-    setup_run(training_args)
+    setup_run(training_args, script_args, model_args)  # also locks output_dir for this run
     model_name, tokenizer = load_model_name_and_tokenizer(model_args, training_args)
     dataset = load_prompt_datasets(script_args)
     test_split = script_args.dataset_test_split

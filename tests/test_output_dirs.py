@@ -168,6 +168,16 @@ def test_configs_and_the_tasks_writer_refuse_the_current_directory(tmp_path, mon
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
+def test_best_of_n_from_python_refuses_the_current_directory(toy_model, toy_tokenizer, tmp_path, monkeypatch):
+    from trl_sharpen import best_of_n
+
+    monkeypatch.chdir(user_folder(tmp_path))
+    for value in ("", ".", tmp_path):
+        with pytest.raises(ValueError, match="output_dir"):
+            best_of_n(toy_model, toy_tokenizer, ["Q : 1 + 2 = ?"], num_samples=2, output_dir=value)
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
 # D3: two runs on one folder ------------------------------------------------------------------------------------------
 
 

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from .answers import get_answer_extractor
 from .data import ensure_pad_token, is_saved_dataset, model_max_length, tokenize_prompts, validate_prompt_dataset
+from .errors import check_output_dir
 from .fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
 from .generation import Completions, eval_mode, generate_completions, sampling_config, seeded
 from .sampling_arguments import (
@@ -338,6 +339,7 @@ def best_of_n(
     prompt_ids = tokenize_prompts(
         tokenizer, prompts[prompt_column], max_new_tokens=max_new_tokens, max_length=model_max_length(model)
     )
+    check_output_dir(output_dir)  # '' (= '.'), the current directory or above, home, /, a file: refused
     output_dir = Path(output_dir) if output_dir is not None else None
     if output_dir is not None:
         check_output_dir_is_not_input(output_dir, prompts)
