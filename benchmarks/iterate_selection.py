@@ -108,6 +108,7 @@ def run_config(name: str, settings: dict, args, tokenizer, prompts, heldout, tes
     cost = trainer.last_evaluation_cost
     return {
         "name": name,
+        "seed": args.seed,
         "settings": settings,
         "evaluations": evaluations,
         "best_global_step": trainer.state.best_global_step,
@@ -118,23 +119,83 @@ def run_config(name: str, settings: dict, args, tokenizer, prompts, heldout, tes
 
 
 def select(evaluations: list[dict], score) -> dict:
-    """The evaluation (t >= 1: step 0 has no checkpoint to restore) with the highest label-free `score`."""
-    candidates = [entry for entry in evaluations if entry["step"] > 0]
+    """The evaluation with the highest label-free `score` (first on ties). Step 0 (pi_base) is a candidate when the
+    run logged the retention metrics (the code that saves the base as checkpoint-0); older runs had no step-0
+    checkpoint to restore."""
+    base_is_candidate = "base_majority_agreement" in evaluations[0]
+    candidates = [entry for entry in evaluations if entry["step"] > 0 or base_is_candidate]
     return max(candidates, key=score)
 
 
-def table(runs: list[dict], beta: float) -> str:
+def retention_gated(score):
+    """`score`, but an evaluation the collapse alarm's retention rules would flag (top-answer share >= pi_base's +
+    0.25, or base-majority agreement below half its first value) ranks below every unflagged one."""
+
+    def gated(entry):
+        return (not entry.get("_flagged", False), score(entry))
+
+    return gated
+
+
+def flag_retention(evaluations: list[dict], rise: float = 0.25, drop: float = 0.5) -> None:
+    """Mark the evaluations the retention alarm fires on (the defaults of `collapse_top_answer_rise` and
+    `collapse_agreement_drop`)."""
+    if "base_majority_agreement" not in evaluations[0]:
+        return
+    first = evaluations[0]["base_majority_agreement"]
+    for entry in evaluations:
+        entry["_flagged"] = (
+            entry["top_answer_share"] - entry["base_top_answer_share"] >= rise
+            or entry["base_majority_agreement"] < (1 - drop) * first
+        )
+
+
+def signals_for(beta: float) -> dict:
+    """The label-free selection signals compared (higher score = selected)."""
     signals = {f"J_beta (beta={beta:g})": lambda e: e["objective"]}
     for other in ALTERNATIVE_BETAS:
         signals[f"J_beta (beta={other:g})"] = lambda e, b=other: e["base_logprob"] - b * e["kl"]
     signals["greedy log pi_base"] = lambda e: e["greedy_base_logprob"]
     signals["lowest delta"] = lambda e: -e["sharpening_error"]
     signals["most distinct answers"] = lambda e: e["distinct_answers"]
+    signals["base_majority_agreement"] = lambda e: e.get("base_majority_agreement", float("nan"))
+    signals["agreement - delta"] = lambda e: e.get("base_majority_agreement", float("nan")) - e["sharpening_error"]
+    signals["lowest delta, alarm-gated"] = retention_gated(lambda e: -e["sharpening_error"])
+    return signals
+
+
+def comparison(runs: list[dict]) -> str:
+    """Per signal: the selected iterate's accuracy as a share of the best seen, in every run, and how many runs reach
+    the 90% target."""
+    beta = runs[0]["settings"].get("beta", 0.1)
+    signals = signals_for(beta)
+    names = [f"{run['name']} seed {run.get('seed', '?')}" for run in runs]
+    lines = ["| signal | " + " | ".join(names) + " | runs >= 0.9 of best | worst share |",
+             "|---|" + "---|" * (len(runs) + 2)]  # fmt: skip
+    for label, score in signals.items():
+        shares = []
+        for run in runs:
+            flag_retention(run["evaluations"])
+            best = max(e["accuracy"] for e in run["evaluations"])
+            picked = select(run["evaluations"], score)
+            shares.append((picked["accuracy"] / best if best > 0 else float("nan"), picked["step"]))
+        cells = [f"{share:.2f} (step {step})" for share, step in shares]
+        hits = sum(share >= 0.9 for share, _ in shares)
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | {hits} of {len(runs)} | {min(s for s, _ in shares):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def table(runs: list[dict], beta: float) -> str:
+    signals = signals_for(beta)
     header = "| configuration | last iterate | J_beta-selected (Trainer, restored) | best seen | selected / best |"
     lines = [header, "|---|---|---|---|---|"]
     alternatives = ["| configuration | " + " | ".join(signals) + " |", "|---|" + "---|" * len(signals)]
     for run in runs:
-        evaluations = [e for e in run["evaluations"] if e["step"] > 0]
+        flag_retention(run["evaluations"])
+        base_is_candidate = "base_majority_agreement" in run["evaluations"][0]
+        evaluations = [e for e in run["evaluations"] if e["step"] > 0 or base_is_candidate]
         last, best = evaluations[-1], max(evaluations, key=lambda e: e["accuracy"])
         chosen = next(e for e in evaluations if e["step"] == run["best_global_step"])
         ratio = chosen["accuracy"] / best["accuracy"] if best["accuracy"] > 0 else float("nan")
@@ -159,13 +220,13 @@ def table(runs: list[dict], beta: float) -> str:
 def per_evaluation(runs: list[dict]) -> str:
     """Every evaluation's figures (the plot's data), so the table can be checked without rerunning."""
     keys = ["accuracy", "objective", "base_logprob", "kl", "entropy", "greedy_base_logprob", "sharpening_error",
-            "distinct_answers", "mean_length"]  # fmt: skip
+            "distinct_answers", "mean_length", "base_majority_agreement", "top_answer_share"]  # fmt: skip
     blocks = []
     for run in runs:
         lines = [f"**{run['name']}**", "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for entry in run["evaluations"]:
             marker = " (J_beta-selected)" if entry["step"] == run["best_global_step"] else ""
-            cells = " | ".join(f"{entry[key]:.3f}" for key in keys)
+            cells = " | ".join(f"{entry[key]:.3f}" if key in entry else "-" for key in keys)
             lines.append(f"| {entry['step']}{marker} | {cells} |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -228,8 +289,16 @@ def main(argv=None) -> None:
     parser.add_argument("--heldout", type=int, default=100, help="Held-out prompts for J_beta (train rows 900..).")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--from_json", help="Redraw the table and plot from a saved JSON instead of running.")
+    parser.add_argument(
+        "--compare", nargs="+", metavar="JSON",
+        help="Only print the selection-signal comparison over the runs of these saved JSONs (e.g. both seeds).",
+    )  # fmt: skip
     parser.add_argument("--output", default=str(RESULTS / "iterate_selection"), help="Output path without suffix.")
     args = parser.parse_args(argv)
+    if args.compare:
+        runs = [run for path in args.compare for run in json.loads(Path(path).read_text())["runs"]]
+        print(comparison(runs))
+        return
     output = Path(args.output)
     command = "python benchmarks/iterate_selection.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.from_json:

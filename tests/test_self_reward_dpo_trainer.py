@@ -141,7 +141,8 @@ def test_reward_that_ignores_pi_base_scores_only_the_pairs(tmp_path, toy_model, 
 
 
 def test_sharpen_loss_is_the_papers_regression(tmp_path, toy_model, toy_tokenizer):
-    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, loss_type=["sigmoid", "sharpen"], loss_weights=[1, 2])
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, loss_type=["sigmoid", "sharpen"], loss_weights=[1, 2],
+                           sharpen_huber_delta=None)  # fmt: skip
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     reward_gap = batch["chosen_rewards"] - batch["rejected_rewards"]
     trainer.model.train()
@@ -151,6 +152,22 @@ def test_sharpen_loss_is_the_papers_regression(tmp_path, toy_model, toy_tokenize
     assert loss.item() == pytest.approx(expected, rel=1e-4)
     assert trainer._metrics["train"]["self_reward/sharpen_loss"][-1] == pytest.approx(reward_gap.pow(2).mean().item())
     loss.backward()  # and it has gradients through the policy
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
+
+
+def test_sharpen_huber_loss_is_the_square_inside_delta_and_its_tangent_beyond(tmp_path, toy_model, toy_tokenizer):
+    delta = 3.0
+    trainer = make_trainer(tmp_path, toy_model, toy_tokenizer, loss_type="sharpen", sharpen_huber_delta=delta)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    gap = (batch["chosen_rewards"] - batch["rejected_rewards"]).abs()  # = |residual| at pi = pi_base
+    assert (gap < delta).any() and (gap > delta).any()  # both branches are exercised
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    expected = torch.where(gap <= delta, gap**2, 2 * delta * gap - delta**2).mean().item()
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    assert loss.item() < gap.pow(2).mean().item()  # large residuals weigh less than in the squared loss
+    assert trainer._metrics["train"]["self_reward/sharpen_residual_sq"][-1] == pytest.approx(gap.pow(2).mean().item())
+    loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
 
 
@@ -312,6 +329,7 @@ def test_paper_preset_selects_the_papers_setting_by_name(tmp_path):
         ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
         ({"max_length": 32, "max_completion_length": 40}, "max_length=32"),
         ({"reanchor_steps": -1}, "reanchor_steps=-1"),
+        ({"sharpen_huber_delta": 0.0}, "sharpen_huber_delta must be > 0"),
     ],
 )
 def test_bad_config_values_are_refused(tmp_path, overrides, match):

@@ -100,6 +100,16 @@ class SelfRewardDPOConfig(MonitoringArguments, DPOConfig, GenerationArguments):
         },
     )
 
+    sharpen_huber_delta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Eq. 8 (`loss_type: sharpen`) with the residual's square replaced beyond this many nats by its "
+            "tangent (Huber: r^2 for |r| <= delta, 2 delta |r| - delta^2 beyond), so one pair far off (a policy "
+            "sample pi_base rates hundreds of nats lower) cannot dominate the step. The minimizer is unchanged where "
+            "Eq. 8 can reach zero residual (its optimum pi_base^(1+1/beta)). null: the paper's squared loss."
+        },
+    )
+
     # Sampling
     num_generations: int = field(
         default=2,
@@ -277,6 +287,15 @@ class SelfRewardDPOConfig(MonitoringArguments, DPOConfig, GenerationArguments):
             raise ValueError(
                 f"ld_alpha={self.ld_alpha} is not supported: LD-DPO's length-desensitised reference log-probs would "
                 "need a second reference pass next to the self-reward's plain log pi_base(y|x)."
+            )
+        if self.sharpen_huber_delta is not None and not (
+            isinstance(self.sharpen_huber_delta, (int, float))
+            and not isinstance(self.sharpen_huber_delta, bool)
+            and self.sharpen_huber_delta > 0
+        ):
+            raise ValueError(
+                f"sharpen_huber_delta must be > 0 (nats) or null, got {self.sharpen_huber_delta!r}. null keeps the "
+                "paper's squared residual."
             )
         if SHARPEN_LOSS in self.loss_type and self.f_divergence_type != "reverse_kl":
             raise ValueError(

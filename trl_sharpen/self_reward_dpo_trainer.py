@@ -476,9 +476,17 @@ class SelfRewardDPOTrainer(SharpeningMonitorMixin, DPOTrainer):
         residual = self.beta * (chosen_logratios - rejected_logratios) - (
             extras["chosen_rewards"] - extras["rejected_rewards"]
         )
-        sharpen_loss = residual.pow(2).mean()
-        gathered = self.accelerator.gather(sharpen_loss.detach())
-        self._metrics[mode]["self_reward/sharpen_loss"].append(gathered.mean().item())
+        delta = self.args.sharpen_huber_delta
+        # Huber, scaled to equal r^2 inside [-delta, delta] (the paper's loss there; the tangent beyond)
+        sharpen_loss = (
+            residual.pow(2).mean()
+            if delta is None
+            else 2 * torch.nn.functional.huber_loss(residual, torch.zeros_like(residual), delta=delta)
+        )
+        gathered = self.accelerator.gather(torch.stack([sharpen_loss.detach(), residual.detach().pow(2).mean()]))
+        gathered = gathered.view(-1, 2).mean(0)
+        self._metrics[mode]["self_reward/sharpen_loss"].append(gathered[0].item())
+        self._metrics[mode]["self_reward/sharpen_residual_sq"].append(gathered[1].item())  # Eq. 8 itself
         return self.sharpen_weight * sharpen_loss
 
     # ----------------------------------------------------------------------------------------------- logging
