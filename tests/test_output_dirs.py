@@ -174,7 +174,9 @@ def test_best_of_n_from_python_refuses_the_current_directory(toy_model, toy_toke
     monkeypatch.chdir(user_folder(tmp_path))
     for value in ("", ".", tmp_path):
         with pytest.raises(ValueError, match="output_dir"):
-            best_of_n(toy_model, toy_tokenizer, ["Q : 1 + 2 = ?"], num_samples=2, output_dir=value)
+            best_of_n(
+                toy_model, toy_tokenizer, ["Q : 1 + 2 = ?"], num_samples=2, max_completion_length=8, output_dir=value
+            )
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
