@@ -557,3 +557,13 @@ def test_null_logprobs_and_in_memory_rows_are_named(tmp_path, generated):
     for in_memory in (rows, Dataset.from_list(rows)):
         with pytest.raises(ValueError, match=r"samples\[2\]: `logprobs` of completion 1 is 0.5, positive"):
             best_of_n_from_samples(model, tokenizer, in_memory)
+
+
+def test_bon_refuses_prompt_columns_it_writes(generated):
+    """`bon --dataset_name` keeps the prompts' other columns: one named like an output column was overwritten."""
+    from trl_sharpen.best_of_n_sampling import best_of_n
+
+    model, tokenizer, prompts, *_ = generated
+    clashing = prompts.add_column("selected_index", list(range(len(prompts))))
+    with pytest.raises(ValueError, match=r"prompts have a column `selected_index` that Best-of-N writes.*rename"):
+        best_of_n(model, tokenizer, clashing, num_samples=2, max_completion_length=4)

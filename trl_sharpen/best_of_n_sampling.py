@@ -150,6 +150,16 @@ def answer_flags(
     return [not cut and extract(text) is not None for text, cut in zip(texts, truncated, strict=True)]
 
 
+def check_no_written_columns(columns, where: str = "The prompts") -> None:
+    """Refuse input columns named like a column the Best-of-N dataset writes: the output would overwrite them."""
+    clashing = [name for name in columns if name in BON_FEATURES]
+    if clashing:
+        raise ValueError(
+            f"{where} have a column `{clashing[0]}` that Best-of-N writes ({', '.join(BON_FEATURES)}): it would be "
+            f"overwritten. Please rename it (`dataset.rename_column({clashing[0]!r}, 'my_{clashing[0]}')`) or drop it."
+        )
+
+
 def check_output_dir_is_not_input(output_dir: Path, prompts: Dataset) -> None:
     """Refuse an output_dir that holds the input dataset's files: the final save would overwrite the prompts."""
     for cache_file in prompts.cache_files:
@@ -329,6 +339,7 @@ def best_of_n(
         validate_prompt_dataset(prompts)
         prompts = Dataset.from_dict({prompt_column: list(prompts)})
     validate_prompt_dataset(prompts, prompt_column)
+    check_no_written_columns(prompts.column_names)
     ensure_pad_token(tokenizer)
     reward = get_self_reward(
         sampling.self_reward, answer_extractor=sampling.answer_extractor, model=model, tokenizer=tokenizer
