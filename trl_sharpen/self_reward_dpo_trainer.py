@@ -389,6 +389,7 @@ class SelfRewardDPOTrainer(SharpeningMonitorMixin, DPOTrainer):
             context = contextlib.ExitStack()
             context.enter_context(self._base_adapter(model))
             context.enter_context(disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs))
+            context.enter_context(eval_mode(model))  # the policy is in train mode mid-step: no dropout in pi_base
         with torch.no_grad(), context, self.accelerator.autocast():
             logps = sequence_logprobs(
                 model,
