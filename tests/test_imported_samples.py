@@ -132,6 +132,11 @@ def test_temperature_scaled_logprobs_are_refused(tmp_path, generated):
         ({"prompt": "Q : 1 + 2 = ?", "completion_ids": [["a"]]}, "integer token ids"),
         ({"prompt": "Q : 1 + 2 = ?", "completions": ["a", "b"], "logprobs": [-1.0]}, "one entry per completion"),
         ({"prompt": "Q : 1 + 2 = ?", "completions": ["a"], "finish_reasons": ["eos"]}, "finish reasons"),
+        ({"prompt": "Q : 1 + 2 = ?", "completions": ["a"], "logprobs": [True]}, "`logprobs` of completion 1 is True"),
+        (
+            {"prompt": "Q : 1 + 2 = ?", "completions": ["a"], "token_logprobs": [{"x": 1}]},
+            "expected a list, per token",
+        ),
     ],
 )
 def test_bad_rows_are_refused_naming_the_line(tmp_path, generated, row, match):

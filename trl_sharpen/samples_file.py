@@ -190,6 +190,12 @@ def _normalized_row(row) -> dict:
                 f"`{key}` of completion {missing + 1} is null: give every completion's log-probs, or drop `{key}` "
                 "on this line to have its completions scored here."
             )
+    for j, value in enumerate(row.get("logprobs") or []):
+        if not (_is_number(value) or isinstance(value, (list, dict))):
+            raise _RowProblem(
+                f"`logprobs` of completion {j + 1} is {value!r}: expected a number (the completion's log-prob), or "
+                f"per-token values ({TOKEN_LOGPROBS_FORMAT}) under `token_logprobs`."
+            )
     if "logprobs" in row and any(not _is_number(value) for value in row["logprobs"]):
         if "token_logprobs" in row:
             raise _RowProblem("give `logprobs` (per sequence) or `token_logprobs` (per token), not both.")
