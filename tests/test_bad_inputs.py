@@ -497,3 +497,15 @@ def test_a_recipe_reads_one_jsonl_file_like_bon_and_eval():
 
     dataset = load_prompt_datasets(SharpenScriptArguments(dataset_name=TEST_JSONL))
     assert list(dataset) == ["train"] and len(dataset["train"]) > 0 and "answer" in dataset["train"].column_names
+
+
+def test_prompt_counts_below_one_are_refused(cli_error):
+    from trl_sharpen.script_utils import SharpenScriptArguments
+
+    for command in (BON, EVAL):
+        assert cli_error([*command[:-2], "--num_prompts", "-5"]).startswith(
+            "trl-sharpen: error: num_prompts must be an integer >= 1, got -5."
+        )
+    for name in ("num_train_prompts", "num_eval_prompts", "eval_max_completion_length"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got 0."):
+            SharpenScriptArguments(**{name: 0})

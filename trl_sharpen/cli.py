@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import check_lora_options, check_model_path, check_output_dir, clear_errors
 from .output_dir import output_dir_lock
 from .real_models import ConvertArguments, resolve_model_name_or_path, run_convert
-from .sampling_arguments import BestOfNSamplingArguments, SamplingArguments, field_like
+from .sampling_arguments import BestOfNSamplingArguments, SamplingArguments, check_int, field_like
 
 
 @dataclass(kw_only=True)
@@ -57,6 +57,8 @@ class PromptDataArguments:
             raise ValueError("Pass the prompts with --dataset_name (a file, a saved dataset or a dataset name).")
         if self.answer_column is not None and self.answer_column == self.prompt_column:
             raise ValueError(f"--answer_column and --prompt_column are both {self.answer_column!r}; name two columns.")
+        if self.num_prompts is not None:  # before reading the file: a count below 1 would select no prompts
+            check_int("num_prompts", self.num_prompts, 1, "Use N >= 1 prompts, or leave it unset for all.")
         prompts = load_prompts(self.dataset_name, self.dataset_split, self.prompt_column, self.dataset_config)
         if self.num_prompts is not None:
             prompts = prompts.select(range(min(self.num_prompts, len(prompts))))

@@ -27,7 +27,7 @@ from .distributed import print_rank_summary
 from .errors import check_model_path, check_output_dir
 from .output_dir import acquire_output_dir
 from .real_models import resolve_model_name_or_path
-from .sampling_arguments import warn_deprecated
+from .sampling_arguments import check_int, warn_deprecated
 from .toy import TOY_DATA_DIR, TOY_MODEL_PATH
 
 
@@ -104,6 +104,11 @@ class SharpenScriptArguments(ScriptArguments):
                 warn_deprecated(old, new)
                 setattr(self, new, getattr(self, old))
                 setattr(self, old, None)
+        # Sizes below 1 would select no prompts (an empty run) or an empty greedy report
+        if self.num_train_prompts is not None:
+            check_int("num_train_prompts", self.num_train_prompts, 1, "Use N >= 1, or leave it unset for all.")
+        check_int("num_eval_prompts", self.num_eval_prompts, 1, "Set the test prompts of the greedy report, e.g. 200.")
+        check_int("eval_max_completion_length", self.eval_max_completion_length, 1, "Set it, e.g. 64.")
 
 
 def load_prompt_datasets(script_args: SharpenScriptArguments) -> DatasetDict:
