@@ -409,7 +409,7 @@ def test_sampling_settings_that_do_not_apply_are_refused(tmp_path, generated):
             best_of_n_from_samples(model, tokenizer, ids_file(tmp_path, generated), **setting)
 
 
-def test_cli_applies_num_prompts_and_chat_prompts(tmp_path, generated):
+def test_cli_applies_num_prompts_chat_prompts_and_prompt_column(tmp_path, generated):
     from trl_sharpen.cli import BestOfNArguments
     from trl_sharpen.imported_samples import samples_file_prompts
 
@@ -417,6 +417,9 @@ def test_cli_applies_num_prompts_and_chat_prompts(tmp_path, generated):
     args = BestOfNArguments(output_dir=str(tmp_path / "bon"), samples_file=str(path), num_prompts=2, chat_prompts=True)
     prompts = samples_file_prompts(args)
     assert len(prompts) == 2 and prompts.rows[0]["prompt"] == [{"role": "user", "content": generated[2][0]["prompt"]}]
+    renamed = rewrite(tmp_path / "q.jsonl", [{"question": row.pop("prompt"), **row} for row in rows_of(path)])
+    args = BestOfNArguments(output_dir=str(tmp_path / "bon"), samples_file=str(renamed), prompt_column="question")
+    assert samples_file_prompts(args)["prompt"] == generated[2]["prompt"]
     args = BestOfNArguments(output_dir=str(tmp_path / "bon"), samples_file=str(path), dataset_name="x.jsonl")
     with pytest.raises(ValueError, match="--dataset_name .* --samples_file.*one of them"):
         samples_file_prompts(args)
