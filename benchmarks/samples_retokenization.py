@@ -76,6 +76,24 @@ def main():
         alike = [k for k in range(total) if k not in retokenized]
         print(f"text only: {len(exact)} of {total} scored as sampled (expected the {len(alike)} that re-tokenize "
               f"alike: {sorted(exact) == alike})")  # fmt: skip
+        # Issue 18 case 7a: a Llama-3 / Gemma-3-it style EOS list whose first id is end-of-text, not end-of-turn
+        model.generation_config.eos_token_id = [
+            tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            tokenizer.eos_token_id,
+        ]
+        dataset = best_of_n_from_samples(model, tokenizer, path, max_completion_length=args.max_new_tokens + 8)
+        scored = [v for row in dataset["base_logprobs"] for v in row]
+        ended = [k for k in alike if not samples.truncated[k]]
+        first_id = model.generation_config.eos_token_id[0]
+        with torch.no_grad():
+            old_rule = sequence_logprobs(  # what appending eos_ids[0] gave
+                model, [prompt_ids[samples.prompt_index[k]] for k in ended],
+                [samples.completion_ids[k][:-1] + [first_id] for k in ended],
+            ).tolist()  # fmt: skip
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        print(f"EOS ids {model.generation_config.eos_token_id}, {len(ended)} ended text samples: mean log pi_base "
+              f"recorded {mean([samples.logprobs[k] for k in ended]):.2f}, scored here "
+              f"{mean([scored[k] for k in ended]):.2f}, with eos_ids[0] appended {mean(old_rule):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
