@@ -413,3 +413,94 @@ def test_evaluation_warns_when_majority_has_no_answers_to_vote_on(toy_model, toy
             self_rewards=("majority",), answer_extractor=no_answer,
         )  # fmt: skip
     assert "8 of 8 samples (100%) have no answer" in caplog.text
+
+
+# Issue 18: sampled from pi and scored as pi ---------------------------------------------------------------------------
+def _dpo_trainer(tmp_path, model, toy_tokenizer, peft_config=None, **overrides):
+    from tests.trainer_args import cpu_test_args
+    from trl_sharpen import SelfRewardDPOConfig, SelfRewardDPOTrainer
+
+    args = cpu_test_args(SelfRewardDPOConfig, tmp_path, eval_num_prompts=4, eval_num_samples=2, **overrides)
+    return SelfRewardDPOTrainer(
+        model=model, args=args, train_dataset=load_toy_prompts("train").select(range(8)),
+        eval_dataset=load_toy_prompts("test").select(range(4)), processing_class=toy_tokenizer,
+        peft_config=peft_config,
+    )  # fmt: skip
+
+
+def test_monitoring_ends_completions_at_the_runs_stop_strings(toy_model, toy_tokenizer, tmp_path):
+    """Issue 18 case 6. Monitoring sampled without the run's stop strings (BoN-SFT's few-shot runs), so length, clipped
+    ratio, answers, J_beta and delta measured completions other than the trained ones. Now they end where the run's
+    do (at temperature 1: J_beta is defined for pi itself)."""
+    from tests.trainer_args import cpu_test_args
+    from trl_sharpen import BoNSFTTrainer
+    from trl_sharpen.data import tokenize_prompt
+    from trl_sharpen.generation import generate_completions, sampling_config, seeded
+
+    stop = ["="]  # every toy completion writes "... = <n> . answer <n>"
+    args = cpu_test_args(BoNSFTConfig, tmp_path, num_samples=2, eval_num_prompts=4, eval_num_samples=2,
+                         stop_strings=stop)  # fmt: skip
+    trainer = BoNSFTTrainer(
+        model=toy_model, args=args, train_dataset=load_toy_prompts("train").select(range(4)),
+        eval_dataset=load_toy_prompts("test").select(range(4)), processing_class=toy_tokenizer,
+    )  # fmt: skip
+    metrics = trainer.evaluate()
+    # What monitoring must have sampled: the policy's samples that end at the stop string
+    prompts = [tokenize_prompt(toy_tokenizer, p) for p in load_toy_prompts("test").select(range(4))["prompt"]]
+    config = sampling_config(toy_model, toy_tokenizer, max_new_tokens=trainer.args.max_completion_length)
+    with seeded(toy_model, trainer.args.seed):
+        expected = generate_completions(toy_model, prompts, config, num_samples=2, tokenizer=toy_tokenizer,
+                                        stop_strings=stop)  # fmt: skip
+    assert sum(toy_tokenizer.decode(ids).endswith("=") for ids in expected.completion_ids) >= 2  # stopped there
+    lengths = [len(ids) for ids in expected.completion_ids]
+    assert metrics["eval_mean_length"] == pytest.approx(sum(lengths) / len(lengths))
+    assert metrics["eval_clipped_ratio"] == 0.0
+
+
+def test_pi_base_is_scored_without_dropout_on_the_peft_path(toy_tokenizer, tmp_path):
+    """Issue 18 case 9. With PEFT, pi_base is the adapter-disabled policy, which is in train mode mid-step: its
+    log-probs were scored with dropout on. Now in eval mode: the same values every time, those of the eval model."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from trl_sharpen.logprobs import sequence_logprobs
+    from trl_sharpen.toy import TOY_MODEL_PATH
+
+    model = AutoModelForCausalLM.from_pretrained(TOY_MODEL_PATH, attention_dropout=0.5)
+    trainer = _dpo_trainer(
+        tmp_path, model, toy_tokenizer, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    trainer.model.train()
+    prompts = [toy_tokenizer("Q : 3 + 5 = ?")["input_ids"]] * 2
+    completions = [toy_tokenizer(" 8 . answer 8")["input_ids"], toy_tokenizer(" 9")["input_ids"]]
+    first, second = trainer._base_logprobs(prompts, completions), trainer._base_logprobs(prompts, completions)
+    assert trainer.model.training  # restored
+    trainer.model.eval()
+    with trainer.model.disable_adapter():
+        expected = sequence_logprobs(trainer.model, prompts, completions)
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(second, expected, atol=1e-5, rtol=0)
+
+
+def test_bon_sfts_frozen_base_runs_its_own_weights(toy_tokenizer, tmp_path):
+    """The frozen pi_base copy of BoN-SFT (full fine-tuning) kept the instance `forward` TRL's fused head installed, a
+    closure over the policy's bound forward: its forward (greedy generations in monitoring) ran the policy."""
+    from tests.trainer_args import cpu_test_args
+    from trl_sharpen import BoNSFTTrainer
+
+    args = cpu_test_args(BoNSFTConfig, tmp_path, num_samples=2, sampling_policy="current", max_completion_length=8)
+    trainer = BoNSFTTrainer(model=TOY_PATH(), args=args, train_dataset=load_toy_prompts("train").select(range(4)),
+                            processing_class=toy_tokenizer)  # fmt: skip
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        before = trainer._frozen_base(input_ids=ids).logits
+        for parameter in trainer.model.parameters():
+            parameter.add_(0.1)  # the policy moves
+        torch.testing.assert_close(trainer._frozen_base(input_ids=ids).logits, before)
+        assert not torch.allclose(trainer.model(input_ids=ids).logits, before)
+
+
+def TOY_PATH():
+    from trl_sharpen.toy import TOY_MODEL_PATH
+
+    return TOY_MODEL_PATH

@@ -285,7 +285,7 @@ def test_evaluate_returns_the_sharpening_metrics(kind, tmp_path):
     assert metrics["eval_objective"] == pytest.approx(metrics["eval_base_logprob"], abs=1e-4)
     assert trainer.state.log_history[-1]["eval_objective"] == metrics["eval_objective"]  # through `log`
     cost = trainer.last_evaluation_cost
-    assert (cost.prompts, cost.policy_generations, cost.base_forwards) == (6, 6 * 4, 6 * 4)
+    assert (cost.prompts, cost.policy_generations, cost.base_scored, cost.policy_scored) == (6, 6 * 4, 6 * 4, 6)
     # The same prompts without answers: label-free metrics only
     unlabeled = trainer.evaluate(eval_dataset=test.remove_columns("answer"))
     assert set(unlabeled) & (LABEL_FREE | WITH_LABELS) == LABEL_FREE

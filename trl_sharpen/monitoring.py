@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -356,28 +357,37 @@ def aggregate(records: Sequence[PromptRecord], beta: float) -> dict[str, float]:
 
 @dataclass
 class EvaluationCost:
-    """Work done by one sharpening evaluation (all processes)."""
+    """Work done by one sharpening evaluation, summed over all processes (padding prompts included: they run too).
+    Counts are sequences (completions generated, completions scored), not forwards: a forward batches many."""
 
     prompts: int
     policy_generations: int
     base_generations: int
-    base_forwards: int
-    policy_forwards: int
+    base_scored: int
+    policy_scored: int
     seconds: float
 
     def describe(self) -> str:
         base = f", {self.base_generations} pi_base generations (once per run)" if self.base_generations else ""
         return (
-            f"{self.prompts} prompts: {self.policy_generations} policy generations{base}, {self.base_forwards} "
-            f"pi_base scoring forwards, {self.policy_forwards} policy scoring forwards, {self.seconds:.1f} s"
+            f"{self.prompts} prompts: {self.policy_generations} policy generations{base}, {self.base_scored} "
+            f"completions scored under pi_base, {self.policy_scored} under the policy, {self.seconds:.1f} s"
         )
 
 
-def _generate(model, tokenizer, prompt_ids, *, num_samples, do_sample, max_new_tokens, prompts_per_call):
+def _generate_until_stop(
+    model, tokenizer, prompt_ids, *, num_samples, do_sample, max_new_tokens, prompts_per_call, stop_strings=None,
+    eos_token_id=None,
+):  # fmt: skip
+    """Completions that end where the run's do (its stop strings, EOS / end-of-turn ids, length limit), sampled at
+    temperature 1 without top-k / top-p whatever the run samples with: J_beta and delta are defined for pi itself."""
     config = sampling_config(model, tokenizer, do_sample=do_sample, max_new_tokens=max_new_tokens)
+    if eos_token_id is not None:
+        config.eos_token_id = eos_token_id
     return generate_completions(
-        model, prompt_ids, config, num_samples=num_samples, batch_size=prompts_per_call * num_samples
-    )
+        model, prompt_ids, config, num_samples=num_samples, batch_size=prompts_per_call * num_samples,
+        tokenizer=tokenizer, stop_strings=stop_strings,
+    )  # fmt: skip
 
 
 def _score(model, prompt_ids, completion_ids, micro_batch_size) -> list[float]:
@@ -400,10 +410,14 @@ def measure_prompts(
     checker=None,
     base_greedy: dict | None = None,
     base_majority: dict | None = None,
+    stop_strings: Sequence[str] | None = None,
+    eos_token_id: int | list[int] | None = None,
 ) -> list[PromptRecord]:
     """Sample and score what `aggregate` needs, for `prompt_ids`. `model_context(from_base)` yields the model to
     generate and score with: the policy, or pi_base. `base_greedy` caches pi_base's greedy outputs by prompt, and
-    `base_majority` the majority answer of its `num_samples` samples (pi_base is fixed: both are computed once)."""
+    `base_majority` the majority answer of its `num_samples` samples (pi_base is fixed: both are computed once).
+    `stop_strings` and `eos_token_id` (default: the model's and tokenizer's EOS ids) end completions as in the run."""
+    _generate = functools.partial(_generate_until_stop, stop_strings=stop_strings, eos_token_id=eos_token_id)
     micro = prompts_per_call * num_samples
     cache = {} if base_greedy is None else base_greedy
     missing = [i for i, ids in enumerate(prompt_ids) if tuple(ids) not in cache]
@@ -607,19 +621,25 @@ class SharpeningMonitorMixin:
             checker=checker,
             base_greedy=self._base_greedy_cache,
             base_majority=self._base_majority_cache,
+            # the run's stop strings and EOS / end-of-turn ids: monitoring measures the completions that are trained
+            stop_strings=getattr(args, "stop_strings", None),
+            eos_token_id=getattr(getattr(self, "generation_config", None), "eos_token_id", None),
         )
         gathered = gather_object(list(zip(indices, records))) if world > 1 else list(zip(indices, records))
         unique = dict(gathered)  # padding repeats an index
         metrics = aggregate([unique[i] for i in sorted(unique)], args.objective_beta)
         seconds = time.perf_counter() - start
         generated = share * world
+        # Each process's own new pi_base generations (its caches hold its own prompts), summed
+        new_base = (len(self._base_greedy_cache) - cached) + (
+            len(self._base_majority_cache) - cached_majority
+        ) * args.eval_num_samples
         self.last_evaluation_cost = EvaluationCost(
             prompts=rows,
             policy_generations=generated * (args.eval_num_samples + 1),
-            base_generations=(len(self._base_greedy_cache) - cached) * world
-            + (len(self._base_majority_cache) - cached_majority) * world * args.eval_num_samples,
-            base_forwards=generated * (args.eval_num_samples + 1),
-            policy_forwards=generated,
+            base_generations=sum(gather_object([new_base])) if world > 1 else new_base,
+            base_scored=generated * (args.eval_num_samples + 1),
+            policy_scored=generated,
             seconds=seconds,
         )
         if self.accelerator.is_main_process:
