@@ -329,3 +329,17 @@ def test_no_command_deletes_a_user_file_in_its_output_folder(tmp_path, toy_as_gg
     capsys.readouterr()
     assert outcomes["bon"] == outcomes["eval"] == outcomes["tasks"] == "ran", outcomes
     assert outcomes["convert"].startswith("refused") and outcomes["recipe"].startswith("refused"), outcomes
+
+
+def test_a_recipe_never_saves_into_the_model_or_dataset_it_reads(tmp_path):
+    import shutil
+
+    from trl_sharpen.script_utils import claim_output_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(TOY_MODEL_PATH, model)
+    training, script, model_args = recipe_args(model, overwrite_output_dir=True)
+    model_args.model_name_or_path = str(model)
+    with pytest.raises(ValueError, match=f"output_dir {model} is the --model_name_or_path folder"):
+        claim_output_dir(training, script, model_args)
+    assert sorted(os.listdir(model)) == sorted(os.listdir(TOY_MODEL_PATH))

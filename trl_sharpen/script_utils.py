@@ -207,10 +207,17 @@ def claim_output_dir(training_args, script_args=None, model_args=None) -> None:
     other arguments unless this run resumes it (`resume_from_checkpoint`) or overwrites it (`overwrite_output_dir`).
     The run's arguments are then recorded in `<output_dir>/_trl_sharpen_run.json`."""
     check_output_dir(training_args.output_dir)
+    folder = Path(training_args.output_dir)
+    for source, option in ((getattr(model_args, "model_name_or_path", None), "model_name_or_path"),
+                           (getattr(script_args, "dataset_name", None), "dataset_name")):  # fmt: skip
+        if source and Path(source).expanduser().exists() and Path(source).expanduser().resolve() == folder.resolve():
+            raise ValueError(
+                f"output_dir {folder} is the --{option} folder: saving the trained model there would overwrite the "
+                "files it was loaded from. Pass another --output_dir."
+            )
     atexit.register(acquire_output_dir(training_args.output_dir))
     if not training_args.process_index == 0:
         return
-    folder = Path(training_args.output_dir)
     resume = resolve_resume_value(training_args.resume_from_checkpoint, folder)  # `true`: there must be one
     overwrite = bool(getattr(script_args, "overwrite_output_dir", False))
     current = run_arguments(script_args, training_args, model_args)
