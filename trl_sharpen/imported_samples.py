@@ -38,10 +38,10 @@ Completions, token ids first:
   `completion_ids` where you can. With both, the rows whose text re-tokenizes to other ids are counted in a warning.
 
 Checks of every row (reading and the checks that need no model: `trl_sharpen.samples_file`), before the model loads
-(from the CLI) and before anything is scored: log-probs are numbers,
-finite and <= 0 (per token and per sequence); token ids are in the model's vocabulary; `prompt_ids` decode to the
-row's prompt; completions fit `max_completion_length` and the model's context; a column has one type on every line.
-Every message names the file and the 1-based line.
+(from the CLI) and before anything is scored: log-probs are numbers, finite and <= 0 (per token and per sequence);
+token ids are in the model's vocabulary; `prompt_ids` decode to the row's prompt; completions fit
+`max_completion_length` and the model's context; a column has one type on every line. Every message names the file
+and the 1-based line.
 
 Log-probabilities reported by the engine must be pi_base's own: log-softmax of the raw logits at temperature 1, before
 any temperature, top-k/top-p, repetition penalty or other logits processing (in vLLM, `logprobs_mode="raw_logprobs"`,
@@ -53,7 +53,8 @@ errors cannot cancel), per sequence otherwise; a difference beyond `logprob_tole
 with the line named. That catches temperature-scaled or processed log-probs, log-probs listed in another order than
 their completions, and a prompt tokenized differently from the engine's. How far apart wrong log-probs land depends
 on the model's uncertainty: on the nearly deterministic toy base, temperature 0.7 moves most samples by only
-0.01-0.03 nats per token (the least likely by 0.2), so a small file is best checked whole (`check_fraction=1`).
+0.01-0.03 nats per token (the least likely by 0.2): one wrong row can pass while others fail, hence every row of a
+file of up to 32, and at least 32 rows of a larger one (`check_fraction=1` checks all).
 
 Of the sampling settings, the self-reward, answer extractor and gating, truncation policy, `stop_strings`,
 `max_completion_length`, `shard_size`, `sampling_batch_size` (scoring micro-batch) and `seed` (which rows are
