@@ -113,11 +113,11 @@ def test_temperature_scaled_logprobs_are_refused(tmp_path, generated):
         tmp_path / "s.jsonl", prompts, completion_ids=per_prompt(samples.completion_ids), logprobs=per_prompt(scaled)
     )
     # The toy base is nearly deterministic on most samples (0.01-0.03 nats per token apart at temperature 0.7, up to
-    # 0.2 on the least likely), so this checks every row; the default 1% suits models with real uncertainty
+    # 0.2 on the least likely), so every row must be checked: the default does (at least 32 rows, here all 6)
     with pytest.raises(
         ValueError, match=r"line \d+: the log-probs .*disagree with the model's own scoring.* temperature 1"
     ):
-        best_of_n_from_samples(model, tokenizer, path, check_fraction=1.0, output_dir=tmp_path / "bon")
+        best_of_n_from_samples(model, tokenizer, path, output_dir=tmp_path / "bon")
     assert not (tmp_path / "bon").exists()  # refused before anything was written
 
 
