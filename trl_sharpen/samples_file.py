@@ -324,7 +324,8 @@ def _check_across_rows(samples: ImportedSamples, raw_keys: list[set[str]]) -> No
             continue
         missing = [i for i, keys in enumerate(raw_keys) if key not in keys]
         if missing:
-            having = [i for i in range(len(rows)) if i not in set(missing)]
+            lacking = set(missing)
+            having = [i for i in range(len(rows)) if i not in lacking]
             raise ValueError(
                 f"{samples.where(missing[0])}: no `{key}`, which {samples.lines(having)} "
                 f"{'has' if len(having) == 1 else 'have'}: give every line the same keys (null where a line has "
