@@ -432,3 +432,18 @@ def test_recorded_logprobs_need_one_new_token_per_forward(toy_model, toy_tokeniz
     samples = generate_completions(toy_model, prompts, config, num_samples=1)
     rescored = sequence_logprobs(toy_model, prompts, samples.completion_ids)
     torch.testing.assert_close(torch.tensor(samples.logprobs), rescored, atol=1e-4, rtol=0)
+
+
+def test_half_precision_models_are_scored_with_a_float32_head(toy_model, samples):
+    """Issue 18 case 8. In bf16 the LM head's logits were rounded to bf16 before the log-softmax. Now the head and the
+    log-softmax run in float32 on the backbone's states (as TRL's cast_lm_head_to_fp32); what remains is the
+    backbone's own rounding (README, Exactness; benchmarks/bf16_tolerance.py)."""
+    prompts, completions = samples
+    model = toy_model.to(torch.bfloat16)
+    got = sequence_logprobs(model, prompts[:1], completions[:1], share_prompts=False)
+    ids = torch.tensor([prompts[0] + completions[0]])
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state[0, len(prompts[0]) - 1 : -1]
+        logps = (hidden.float() @ model.lm_head.weight.float().T).log_softmax(-1)
+    expected = logps.gather(-1, torch.tensor(completions[0]).unsqueeze(-1)).sum()
+    torch.testing.assert_close(got, expected.reshape(1), atol=1e-4, rtol=0)
