@@ -343,3 +343,19 @@ def test_a_recipe_never_saves_into_the_model_or_dataset_it_reads(tmp_path):
     with pytest.raises(ValueError, match=f"output_dir {model} is the --model_name_or_path folder"):
         claim_output_dir(training, script, model_args)
     assert sorted(os.listdir(model)) == sorted(os.listdir(TOY_MODEL_PATH))
+
+
+def test_a_lock_file_left_by_another_machine_is_refused_with_the_way_out(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = {"pid": 4242, "hostname": "gpu-node-7", "command": "trl-sharpen bon ...", "started": "2026-12-03"}
+    (out / LOCK_FILE).write_text(json.dumps(holder))
+    with pytest.raises(ValueError) as error:
+        acquire_output_dir(out)
+    assert str(error.value) == (
+        f"output_dir {out} is in use by a run on another machine (pid 4242 on gpu-node-7, started 2026-12-03: "
+        f"`trl-sharpen bon ...`). Wait for it to finish, or pass another output_dir; if that run is gone, delete "
+        f"{(out / LOCK_FILE).resolve()}."
+    )
+    (out / LOCK_FILE).unlink()
+    acquire_output_dir(out)()  # the way out works

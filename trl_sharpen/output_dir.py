@@ -5,7 +5,8 @@
 - `output_dir_lock`: an exclusive lock on a folder for the length of a run. The lock is `fcntl.flock` on
   `<folder>/_trl_sharpen.lock` (the kernel drops it when its process dies, so a crashed run never leaves a stale
   lock behind); the file records who holds it (pid, host, command, start time) for the refusal line of a second run,
-  which names that run. A lock file left by a dead process is taken over with a log line. Re-entrant within a
+  which names that run. A lock file left by a dead process of this machine is taken over with a log line; one left by
+  another machine is refused (its pid cannot be checked from here, and some NFS setups do not share flocks). Re-entrant within a
   process (a command that locks its folder may call code that locks it again). Under `accelerate launch` only the
   main process (RANK 0) locks: the ranks of one launch share their output_dir by design.
 
@@ -64,16 +65,6 @@ def check_safe_output_dir(path: str | os.PathLike | None, option: str = "output_
 
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def read_lock_holder(folder: str | os.PathLike) -> dict | None:
@@ -185,9 +176,16 @@ def acquire_output_dir(folder: str | os.PathLike, option: str = "output_dir") ->
             f"to finish, or pass another {option}: two runs writing one folder would mix their results."
         )
     if previous and previous.get("pid") != os.getpid():
-        alive = previous.get("hostname") == socket.gethostname() and _pid_alive(int(previous.get("pid") or 0))
-        if not alive:
-            logger.info("%s: taking over the lock left by a run that ended (%s).", folder, describe_holder(previous))
+        if previous.get("hostname") not in (None, socket.gethostname()):
+            # A lock file is removed when its run ends. One left by another machine is either a live run on a shared
+            # filesystem whose flock does not reach this machine (some NFS setups), or a run that died there: this
+            # machine cannot tell its pid apart, so it refuses rather than mix results
+            handle.close()
+            raise ValueError(
+                f"{option} {folder} is in use by a run on another machine ({describe_holder(previous)}). Wait for "
+                f"it to finish, or pass another {option}; if that run is gone, delete {path}."
+            )
+        logger.info("%s: taking over the lock left by a run that ended (%s).", folder, describe_holder(previous))
     _write_holder(handle)
     _held[key] = [handle, 1]
     return lambda: _release(key)
