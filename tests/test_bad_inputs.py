@@ -332,6 +332,10 @@ FINITE = "must be a finite number, got {}."
         ("BoNSFTConfig", {"truncation_penalty": float("inf")}, "truncation_penalty " + FINITE.format("inf")),
         ("BoNSFTConfig", {"collapse_length_drop": float("nan")}, "collapse_length_drop " + FINITE.format("nan")),
         ("BoNSFTConfig", {"adam_beta1": float("nan")}, "adam_beta1 " + FINITE.format("nan")),
+        # ...and their ranges, which transformers does not check (a negative learning rate trains uphill)
+        ("SelfRewardDPOConfig", {"learning_rate": -1e-5}, "learning_rate must be >= 0, got -1e-05."),
+        ("BoNSFTConfig", {"adam_beta2": 1.0}, "adam_beta2 must be in [0, 1), got 1.0."),
+        ("XPOConfig", {"weight_decay": -0.1}, "weight_decay must be >= 0, got -0.1."),
     ],
 )
 def test_every_float_setting_must_be_finite(tmp_path, cls_name, overrides, message):

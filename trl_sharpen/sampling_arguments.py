@@ -79,6 +79,23 @@ def check_finite_numbers(config) -> None:
                     f"{config_field.name} must be a finite number, got {item!r}. Set a real value (or leave it unset "
                     "for its default)."
                 )
+        rule = INHERITED_RANGES.get(config_field.name)
+        if rule is not None and _is_number(value) and not rule[1](value):
+            raise ValueError(f"{config_field.name} must be {rule[0]}, got {value!r}. {rule[2]}")
+
+
+# Ranges of float settings that configs inherit from TrainingArguments / TRL, which do not check them (a negative
+# learning rate trains uphill without a word); our own fields check their ranges in their classes
+INHERITED_RANGES = {
+    "learning_rate": (">= 0", lambda v: v >= 0, "A negative learning rate maximizes the loss."),
+    "weight_decay": (">= 0", lambda v: v >= 0, "Use 0 for none."),
+    "max_grad_norm": (">= 0", lambda v: v >= 0, "Use 0 to turn gradient clipping off."),
+    "adam_beta1": ("in [0, 1)", lambda v: 0 <= v < 1, "AdamW's default is 0.9."),
+    "adam_beta2": ("in [0, 1)", lambda v: 0 <= v < 1, "AdamW's default is 0.999."),
+    "adam_epsilon": ("> 0", lambda v: v > 0, "AdamW's default is 1e-8."),
+    "label_smoothing_factor": ("in [0, 1)", lambda v: 0 <= v < 1, "Use 0 for none."),
+    "ref_model_mixup_alpha": ("in [0, 1]", lambda v: 0 <= v <= 1, "1 copies the policy into the reference."),
+}
 
 
 def warn_deprecated(old: str, new: str) -> None:
