@@ -149,17 +149,19 @@ def test_prontoqa_checker_through_the_project_extractor_path():
 @pytest.mark.parametrize("level", list(arithmetic.LEVELS))
 def test_arithmetic_answers_digits_and_disjoint_splits(level):
     spec = arithmetic.LEVELS[level]
-    splits = generate_task("arithmetic", level=level, form="chat", num_train=60, num_test=30, seed=3)
+    num_train, num_test = (60, 30) if len(spec.problems()) >= 90 else (30, 20)  # sub1 has 55 problems
+    splits = generate_task("arithmetic", level=level, form="chat", num_train=num_train, num_test=num_test, seed=3)
     for row in splits["train"] + splits["test"]:
-        a, op, b = re.search(r"What is (\d+) ([+*]) (\d+)\?", prompt_text(row)).groups()
+        a, op, b = re.search(r"What is (\d+) ([-+*]) (\d+)\?", prompt_text(row)).groups()
         assert (int(a), int(b)) == (row["a"], row["b"]) and op == spec.operator
-        assert int(row["answer"]) == (int(a) + int(b) if op == "+" else int(a) * int(b))
+        assert int(row["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert int(row["answer"]) >= 0
         if spec.up_to:  # operands of at most so many digits
             assert len(a) <= spec.digits_a and len(b) <= spec.digits_b
         else:
             assert (len(a), len(b)) == (spec.digits_a, spec.digits_b)
     pairs = lambda rows: {(r["a"], r["b"]) for r in rows}  # noqa: E731
-    assert len(pairs(splits["test"])) == 30 and len(pairs(splits["train"])) == 60
+    assert len(pairs(splits["test"])) == num_test and len(pairs(splits["train"])) == num_train
     assert not pairs(splits["test"]) & pairs(splits["train"])
 
 
@@ -227,24 +229,31 @@ def test_cli_writes_jsonl_splits(tmp_path, capsys):
 SHIPPED = {
     "arithmetic_add1_chat": ("arithmetic", dict(level="add1", form="chat", num_train=60, num_test=40)),
     "prontoqa_chat": ("prontoqa", dict(form="chat", num_train=200, num_test=200)),
-    "arithmetic_add_upto2x1_chat": (
-        "arithmetic",
-        dict(level="add_upto2x1", form="chat", num_train=400, num_test=200),
-    ),
+    "arithmetic_mixed1_chat": ("arithmetic", dict(level="mixed1", form="chat", num_train=55, num_test=200)),
 }
 
 
-def test_widened_addition_has_200_test_prompts_disjoint_from_train():
-    """Setting (a) of the real-model table: 1-digit addition widened so that 200 test prompts are 200 distinct problems
-    that no train prompt repeats (one prompt is 0.005, not add1's 0.025)."""
-    splits = generate_task("arithmetic", **SHIPPED["arithmetic_add_upto2x1_chat"][1])
-    test = {(r["a"], r["b"]) for r in splits["test"]}
-    train = {(r["a"], r["b"]) for r in splits["train"]}
-    assert len(test) == 200 and len(train) == 400 and not test & train
+def test_widened_one_digit_task_has_200_test_prompts_disjoint_from_train():
+    """Setting (a) of the real-model table: 1-digit arithmetic widened (addition, subtraction without negative
+    results, multiplication: 255 problems) so that 200 test prompts are 200 distinct problems that no train prompt
+    repeats (one prompt is 0.005, not add1's 0.025)."""
+    splits = generate_task("arithmetic", **SHIPPED["arithmetic_mixed1_chat"][1])
+    problems = lambda rows: {(r["level"], r["a"], r["b"]) for r in rows}  # noqa: E731
+    test, train = problems(splits["test"]), problems(splits["train"])
+    assert len(test) == 200 and len(train) == 55 and not test & train
     assert {prompt_text(r) for r in splits["test"]}.isdisjoint(prompt_text(r) for r in splits["train"])
-    assert all(0 <= a <= 99 and 0 <= b <= 9 for a, b in test | train)
-    assert any(a <= 9 for a, _ in test) and any(a >= 10 for a, _ in test)  # both 1+1 and 2+1 digit sums
-    assert len(arithmetic.LEVELS["add_upto2x1"].problems()) == 1000
+    assert test | train == {
+        (name, a, b) for name in ("add1", "sub1", "mul1") for a, b in arithmetic.LEVELS[name].problems()
+    }
+    assert {level for level, _, _ in test} == {"add1", "sub1", "mul1"}
+    for row in splits["test"] + splits["train"]:  # each row's question and answer follow its own level
+        a, op, b = re.search(r"What is (\d) ([-+*]) (\d)\?", prompt_text(row)).groups()
+        assert op == arithmetic.LEVELS[row["level"]].operator
+        assert row["answer"] == str(arithmetic.LEVELS[row["level"]].result(int(a), int(b)))
+    with pytest.raises(ValueError, match="distinct problems"):
+        generate_task("arithmetic", level="mixed1", num_train=56, num_test=200)
+    few_shot = generate_task("arithmetic", level="mixed1", form="few_shot", num_train=55, num_test=5)
+    assert all(row["prompt"].count("Q: ") == 4 for row in few_shot["test"])
 
 
 @pytest.mark.parametrize("folder", list(SHIPPED))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import check_output_dir
 from . import TASKS, check_sizes, extractor_path, generate_task
-from .arithmetic import LEVELS
+from .arithmetic import LEVELS, MIXTURES
 from .common import FORMS, STOP_STRINGS, write_splits
 from .prontoqa import DEPTHS
 
@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_test", type=int, default=None, help="Test examples (task default if unset).")
     parser.add_argument("--num_shots", type=int, default=None, help="Examples in each few-shot prompt.")
     parser.add_argument("--seed", type=int, default=0, help="Generator seed (same seed, same files).")
-    parser.add_argument("--level", choices=list(LEVELS), default="add2", help="arithmetic: difficulty level.")
+    parser.add_argument(
+        "--level", choices=[*LEVELS, *MIXTURES], default="add2", help="arithmetic: difficulty level or mixture."
+    )
     parser.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS), help="prontoqa: proof depths.")
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace train.jsonl / test.jsonl that hold other examples."
