@@ -197,3 +197,23 @@ def test_a_checkpoints_cache_implementation_is_set_aside(cache_implementation):
     rescored = own_logprobs(model, [PROMPTS[i] for i in samples.prompt_index], samples.completion_ids)
     torch.testing.assert_close(torch.tensor(samples.logprobs), rescored, atol=1e-4, rtol=0)
     assert model.generation_config.cache_implementation == cache_implementation  # restored
+
+
+def test_dpos_policy_log_probs_are_exact_where_trls_fused_head_misses_a_transform(monkeypatch):
+    """TRL's fused LM head keeps its own list of head transforms and misses RecurrentGemma's logits_soft_cap: on a GPU
+    (where TRL's kernel runs) DPO's policy log-probs were silently wrong. `add_cpu_lm_head` checks TRL's kernel once
+    and routes such a model through its own exact path on every device."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = tiny_model("recurrent_gemma", logits_soft_cap=0.5)  # a cap that bites on a random model's small logits
+    add_fused_lm_head(model)
+    ids = torch.tensor([[5, 9, 14, 20, 33, 41, 7]])
+    with torch.no_grad():
+        own = model(input_ids=ids).logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        trls = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    assert (trls - own).abs().max() > 0.05  # TRL's kernel alone misses the soft cap
+    logprobs.add_cpu_lm_head(model)
+    monkeypatch.setattr(logprobs, "uses_cpu_lm_head", lambda *args: False)  # as on a GPU
+    with torch.no_grad():
+        got = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    torch.testing.assert_close(got, own, atol=1e-4, rtol=0)

@@ -571,10 +571,28 @@ def _cpu_lm_head_outputs(hidden, head, targets, transform, outputs, chunk_tokens
     return {name: torch.cat(values) for name, values in pieces.items() if values}
 
 
+def _fused_lm_head_is_exact(model: torch.nn.Module, fused_forward) -> bool:
+    """Whether TRL's fused LM head (`fused_forward`, installed by `add_fused_lm_head`) gives the log-probs of the
+    model's own logits, on a few tokens (TRL keeps its own list of head transforms)."""
+
+    def check():
+        ids = torch.tensor(check_token_ids(model, [6]), device=_device_of(model))
+        expected = fused_forward(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)[:, :-1]
+        expected = expected.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        got = fused_forward(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.float()
+        return (got - expected).abs().max().item() <= check_tolerance(model) * max(1.0, expected.abs().max().item())
+
+    try:
+        return once_per_model(model, "fused_lm_head", check)
+    except Exception:  # a kernel that cannot run here (e.g. Triton without a GPU): judged where it runs, by TRL
+        return True
+
+
 def add_cpu_lm_head(model: torch.nn.Module, outputs: Sequence[str] = ("log_probs",)) -> None:
     """Route `model(..., labels=labels, fused_lm_head=True)` through `_cpu_lm_head_outputs` when the LM head is on the
-    CPU (see the comment above `CPU_LM_HEAD_MAX_BYTES`); elsewhere the call goes to the forward TRL's
-    `add_fused_lm_head` installed, unchanged. Call after `add_fused_lm_head(model, outputs=outputs)`, on the same
+    CPU (see the comment above `CPU_LM_HEAD_MAX_BYTES`), and on any device when TRL's kernel does not reproduce the
+    model's own logits (checked once, here); elsewhere the call goes to the forward TRL's `add_fused_lm_head`
+    installed, unchanged. Refuses a model neither reproduces. Call after `add_fused_lm_head(model, outputs=outputs)`, on the same
     module; returns the same `FusedCausalLMOutput`. Temperature 1 only (DPO's policy forward)."""
     import types
 
@@ -582,9 +600,16 @@ def add_cpu_lm_head(model: torch.nn.Module, outputs: Sequence[str] = ("log_probs
     from trl.trainer.utils import FusedCausalLMOutput
 
     fused_forward = model.forward
-    # Checked now, before any training hook sees the check's forward; None (a head transform we do not reproduce,
-    # or ZeRO-3, where the LM head is never on the CPU path) sends every call to TRL's forward
-    transform = None if is_deepspeed_zero3_enabled() else verified_logit_transform(model)
+    # Checked now, before any training hook sees the checks' forwards. ZeRO-3 (the LM head is never on the CPU path
+    # there) skips them and keeps TRL's forward.
+    zero3 = is_deepspeed_zero3_enabled()
+    transform = None if zero3 else verified_logit_transform(model)
+    fused_exact = zero3 or _fused_lm_head_is_exact(model, fused_forward)
+    if not fused_exact and transform is None:
+        raise ValueError(
+            f"{type(model).__name__}: neither TRL's fused LM head nor trl_sharpen's reproduces the model's own logits, "
+            "so the policy's log-probs in training would be wrong. This architecture is not supported for DPO/XPO."
+        )
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     outputs = tuple(name for name in outputs if name != "log_probs")
 
@@ -594,7 +619,10 @@ def add_cpu_lm_head(model: torch.nn.Module, outputs: Sequence[str] = ("log_probs
         if not fused_lm_head or labels is None or shift_labels is not None or kwargs.get("output_router_logits"):
             use_cpu = False  # generation, context parallelism, MoE auxiliary loss: TRL's forward handles them
         else:
-            use_cpu = uses_cpu_lm_head(head.weight.device, int((labels[:, 1:] != -100).sum()), vocab_size)
+            # TRL's kernel where it is exact and faster; ours on any device where TRL's misses a head transform
+            # (RecurrentGemma's, xLSTM's soft cap)
+            num_tokens = int((labels[:, 1:] != -100).sum())
+            use_cpu = not fused_exact or uses_cpu_lm_head(head.weight.device, num_tokens, vocab_size)
         if not use_cpu or transform is None:
             return fused_forward(
                 *args,
