@@ -79,6 +79,12 @@ def check_finite_numbers(config) -> None:
                     f"{config_field.name} must be a finite number, got {item!r}. Set a real value (or leave it unset "
                     "for its default)."
                 )
+            # Beyond int64 no count, size or seed means anything (torch cannot even hold it); said abbreviated, as a
+            # 300-digit number printed whole hides the message
+            if isinstance(item, int) and not isinstance(item, bool) and abs(item) >= 2**63:
+                raise ValueError(
+                    f"{config_field.name} is far too large: got {show_value(item)}. Set a sensible value."
+                )
         rule = INHERITED_RANGES.get(config_field.name)
         if rule is not None and _is_number(value) and not rule[1](value):
             raise ValueError(f"{config_field.name} must be {rule[0]}, got {value!r}. {rule[2]}")
