@@ -504,3 +504,25 @@ def TOY_PATH():
     from trl_sharpen.toy import TOY_MODEL_PATH
 
     return TOY_MODEL_PATH
+
+
+@pytest.mark.parametrize("trainer_kind", ["dpo", "sft"])
+def test_prompt_learning_adapters_are_refused_when_the_trainer_is_built(
+    toy_model, toy_tokenizer, tmp_path, trainer_kind
+):
+    """Issue 18 case 3, at construction: a trainer given a prompt-tuning adapter refuses it in one line before any
+    sampling or training (its samples and pi_base scores would be pi_base's, not the policy's)."""
+    from peft import PromptTuningConfig
+
+    from tests.trainer_args import cpu_test_args
+    from trl_sharpen import BoNSFTTrainer
+
+    peft_config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    with pytest.raises(ValueError, match=r"^PROMPT_TUNING adapters are not supported: .* Use LoRA"):
+        if trainer_kind == "dpo":
+            _dpo_trainer(tmp_path, toy_model, toy_tokenizer, peft_config=peft_config)
+        else:
+            BoNSFTTrainer(
+                model=toy_model, args=cpu_test_args(BoNSFTConfig, tmp_path, num_samples=2), peft_config=peft_config,
+                train_dataset=load_toy_prompts("train").select(range(4)), processing_class=toy_tokenizer,
+            )  # fmt: skip
