@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .logprobs import LOGITS_CHUNK_BYTES, _logit_transform, pack_prompt_completion, unwrap_causal_lm
+from .logprobs import LOGITS_CHUNK_BYTES, pack_prompt_completion, unwrap_causal_lm, verified_logit_transform
 
 
 TokenIds = torch.Tensor | Sequence[Sequence[int]]
@@ -30,7 +30,12 @@ def completion_token_statistics(
     causal_lm = unwrap_causal_lm(model)
     backbone = causal_lm.base_model
     head = causal_lm.get_output_embeddings()
-    transform = _logit_transform(causal_lm.config)
+    transform = verified_logit_transform(causal_lm)  # checked against the model's own logits once per model
+    if transform is None:
+        raise ValueError(
+            f"{type(causal_lm).__name__}: the LM head after the backbone does not reproduce the model's logits, so "
+            "self-certainty and entropy cannot be computed from it; use a log-likelihood self-reward."
+        )
     vocab_size = getattr(head, "out_features", None) or causal_lm.config.get_text_config().vocab_size
     chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
     device = next(causal_lm.parameters()).device
