@@ -249,6 +249,7 @@ SELF_REWARD_RL_INTERNALS = [
             ["self", "model", "input_ids", "attention_mask", "logits_to_keep"],
         ),
         (trainer, "_calculate_rewards", ["self", "inputs", "prompts", "completions", "completion_ids_list"]),
+        (trainer, "_get_train_sampler", ["self", "dataset"]),
         # called
         (trainer, "_tokenize_prompts", ["self", "prompts"]),
         (trainer, "__init__", ["self", "model", "reward_funcs", "args"]),
@@ -287,6 +288,10 @@ def test_self_reward_rl_relies_on_the_reference_pass_preceding_the_rewards(train
     assert "prompt_ids, images, multimodal_fields = self._tokenize_prompts(prompts)" in inspect.getsource(
         trainer._generate
     )
+    # the train sampler draws every epoch's order from one generator seeded once (we reseed it per epoch, for resume)
+    assert "seed=self.args.seed" in inspect.getsource(trainer._get_train_sampler)
+    sampler = inspect.getsource(trl.trainer.utils.RepeatSampler)
+    assert "self.generator = torch.Generator()" in sampler and "generator=self.generator" in sampler
     # generation stays TRL's own (use_vllm keeps working): the mixin overrides none of it
     generation = {"_generate", "_generate_single_turn", "_generate_and_score_completions", "_prepare_inputs"}
     assert not generation & set(vars(SelfRewardRLMixin))

@@ -42,9 +42,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
+from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import GRPOTrainer, RLOOTrainer
 from trl.models import prepare_deepspeed
@@ -169,6 +171,8 @@ class SelfRewardRLMixin(SharpeningMonitorMixin):
             reward_processing_classes=processing,
             **kwargs,
         )
+        self._train_sampler = None
+        self.add_callback(_ReseedSamplerEachEpoch(self))
         unwrapped = self.accelerator.unwrap_model(self.model)
         needs_base = reward.requires_base_logprobs or is_prompt_only_or_none(kwargs.get("eval_dataset"))
         if self.ref_model is None and not is_peft_model(unwrapped) and needs_base:
@@ -208,6 +212,10 @@ class SelfRewardRLMixin(SharpeningMonitorMixin):
             return prepare_deepspeed(base, self.accelerator)
         base = copy.deepcopy(policy).eval().requires_grad_(False)
         return self.accelerator.prepare_model(base, evaluation_mode=True)
+
+    def _get_train_sampler(self, dataset=None):
+        self._train_sampler = super()._get_train_sampler(dataset)  # reseeded each epoch (`_ReseedSamplerEachEpoch`)
+        return self._train_sampler
 
     # --------------------------------------------------------------------------------- TRL's reference pass, reused
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -319,6 +327,20 @@ class SelfRewardRLMixin(SharpeningMonitorMixin):
                 base = use_adapter(model, "ref" if "ref" in model.peft_config else None)
             with eval_mode(model), base:
                 yield model
+
+
+class _ReseedSamplerEachEpoch(TrainerCallback):
+    """TRL's `RepeatSampler` draws each epoch's order from one generator seeded once, so a run resumed after an epoch
+    boundary (whose first epoch is then the sampler's first draw) trains on another order than the uninterrupted run.
+    Seeding it with `seed + epoch` at every epoch start gives each epoch the same order in both."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        sampler = self.trainer._train_sampler
+        if getattr(sampler, "generator", None) is not None and getattr(sampler, "seed", None) is not None:
+            sampler.generator.manual_seed(sampler.seed + math.floor((state.epoch or 0) + 1e-6))
 
 
 def is_prompt_only_or_none(dataset) -> bool:
