@@ -48,8 +48,8 @@ SETTING = ["--loss_type", "sharpen", "--beta", "0.5", "--learning_rate", "5e-4",
            "--max_steps", "150", "--sample_from", "policy", "--logging_strategy", "steps", "--logging_steps", "10"]  # fmt: skip
 
 
-def run(base: str, variant: str, seed: int, workdir: str) -> dict:
-    overrides = SETTING + VARIANTS[variant]
+def run(base: str, variant: str, seed: int, workdir: str, learning_rate: str = "5e-4") -> dict:
+    overrides = SETTING + VARIANTS[variant] + ["--learning_rate", learning_rate]
     script_args, args = recipe_args("dpo_sharpen", os.path.join(workdir, f"{variant}-{seed}"), seed, overrides)
     if variant == "squared":
         args.sharpen_huber_delta = None  # whatever the default is now: the paper's squared residual
@@ -73,6 +73,7 @@ def main():
     parser.add_argument("--base", choices=list(BASES), default="toy")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["squared", "huber1"])
+    parser.add_argument("--learning_rate", default="5e-4", help="A stress test: the same setting at another rate.")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
@@ -85,14 +86,14 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         for variant in args.variants:
             for seed in args.seeds:
-                rows.append(run(args.base, variant, seed, workdir))
+                rows.append(run(args.base, variant, seed, workdir, args.learning_rate))
                 r = rows[-1]
                 print(f"{variant} seed {seed}: accuracy {r['accuracy']:.3f}, Eq. 8 residual^2 first {r['first']:.3g} "
                       f"max {r['max']:.3g} last {r['last']:.3g}, {r['seconds']:.0f} s", flush=True)  # fmt: skip
     lines = [f"# Eq. 8 stability on the {args.base} base (greedy accuracy of the base: {base_accuracy:.3f})", "",
              "    python benchmarks/eq8_stability.py --base " + args.base + " --seeds " + " ".join(map(str, args.seeds))
-             + " --variants " + " ".join(args.variants), "",
-             "Setting: SelfRewardDPOTrainer, loss_type sharpen, beta 0.5, lr 5e-4 constant, k = 2 policy samples, "
+             + " --variants " + " ".join(args.variants) + f" --learning_rate {args.learning_rate}", "",
+             f"Setting: SelfRewardDPOTrainer, loss_type sharpen, beta 0.5, lr {args.learning_rate} constant, k = 2 policy samples, "
              "150 steps x 32 prompts; greedy accuracy on the 200 test prompts. `residual^2`: Eq. 8's mean squared "
              "residual as logged every 10 steps (first / largest / last).", "",
              "| variant | seed | greedy accuracy | residual^2 first | max | last | seconds |", "|---|---|---|---|---|---|---|"]  # fmt: skip
