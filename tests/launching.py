@@ -59,6 +59,7 @@ class Recipe:
     name: str
     method_tag: str  # the trainer's model-card tag
     overrides: tuple[str, ...] = ()  # the recipe's own tiny settings
+    backends: tuple[str, ...] = ("ddp", "zero2", "zero3")  # those of BACKENDS its distributed test runs
 
     @property
     def script(self) -> str:
@@ -78,9 +79,21 @@ RECIPES = [
     Recipe("sft_sharpen", "sft-sharpening", ("--num_samples", "4", "--bon_shard_size", "4")),
     Recipe("dpo_sharpen", "rlhf-sharpening"),
     Recipe("xpo_sharpen", "xpo"),
-    # GRPO/RLOO batches count completions: 16 = 4 prompts x 4 generations per process and step, as BATCH prompts above
-    Recipe("grpo_sharpen", "rlhf-sharpening", ("--per_device_train_batch_size", "16", "--num_generations", "4")),
-    Recipe("rloo_sharpen", "rlhf-sharpening", ("--per_device_train_batch_size", "16", "--num_generations", "4")),
+    # GRPO/RLOO batches count completions: 16 = 4 prompts x 4 generations per process and step, as BATCH prompts above.
+    # ZeRO-3 only (the launch the resume test reuses), for CI time: ZeRO-2 and ZeRO-3 with groups split across the
+    # processes are tests/test_grpo_distributed.py's
+    Recipe(
+        "grpo_sharpen",
+        "rlhf-sharpening",
+        ("--per_device_train_batch_size", "16", "--num_generations", "4"),
+        ("zero3",),
+    ),
+    Recipe(
+        "rloo_sharpen",
+        "rlhf-sharpening",
+        ("--per_device_train_batch_size", "16", "--num_generations", "4"),
+        ("zero3",),
+    ),
 ]
 
 

@@ -40,7 +40,7 @@ RECIPE_CASES = [
     pytest.param(recipe, backend, id=f"{recipe.name}-{backend}")
     for recipe in RECIPES
     if recipe.exists()
-    for backend in BACKENDS
+    for backend in recipe.backends
 ]
 
 
