@@ -83,7 +83,7 @@ def check_finite_numbers(config) -> None:
             # 300-digit number printed whole hides the message
             if isinstance(item, int) and not isinstance(item, bool) and abs(item) >= 2**63:
                 raise ValueError(
-                    f"{config_field.name} is far too large: got {show_value(item)}. Set a sensible value."
+                    f"{config_field.name} is out of range (beyond 64-bit integers): got {show_value(item)}."
                 )
         rule = INHERITED_RANGES.get(config_field.name)
         if rule is not None and _is_number(value) and not rule[1](value):
