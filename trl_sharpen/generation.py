@@ -176,7 +176,7 @@ def checkpoint_generation_defaults_off(model: torch.nn.Module, generation_config
 
 
 def _log_overridden_settings(causal_lm, checkpoint: GenerationConfig, ours: GenerationConfig) -> None:
-    defaults = GenerationConfig._get_default_generation_params()
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", dict)()  # transformers' own fallbacks
     logged = causal_lm.__dict__.setdefault(_OVERRIDES_LOGGED, set())
     overridden = {}
     for name, value in checkpoint.to_dict().items():
