@@ -47,6 +47,7 @@ LABEL_FREE = {
     "eval_base_majority_agreement",
     "eval_top_answer_share",
     "eval_base_top_answer_share",
+    "eval_guarded_sharpening_error",
     "eval_mean_length",
     "eval_clipped_ratio",
 }
@@ -388,9 +389,23 @@ def test_collapse_alarm_on_retention_metrics(caplog, tmp_path):
             cpu_test_args(BoNSFTConfig, tmp_path, **bad)
 
 
+def test_guarded_sharpening_error_adds_one_where_the_retention_alarm_fires(tmp_path):
+    trainer = build_trainer("dpo", tmp_path, load_toy_prompts("test").select(range(2)))
+    base = {"sharpening_error": 0.9, "top_answer_share": 0.5, "base_top_answer_share": 0.5,
+            "base_majority_agreement": 0.6}  # fmt: skip
+    assert trainer._guarded_sharpening_error(base, "eval") == pytest.approx(0.9)  # the first value: 0.6
+    sharpened = {**base, "sharpening_error": 0.2, "top_answer_share": 0.7, "base_majority_agreement": 0.9}
+    assert trainer._guarded_sharpening_error(sharpened, "eval") == pytest.approx(0.2)
+    one_answer = {**sharpened, "sharpening_error": 0.1, "top_answer_share": 0.75}  # +0.25 over the base's
+    assert trainer._guarded_sharpening_error(one_answer, "eval") == pytest.approx(1.1)
+    no_answers = {**sharpened, "sharpening_error": 0.05, "base_majority_agreement": 0.29}  # below 0.5 x 0.6
+    assert trainer._guarded_sharpening_error(no_answers, "eval") == pytest.approx(1.05)
+    assert "eval_guarded_sharpening_error" in trainer.evaluate()
+
+
 def test_new_metrics_have_a_direction_for_metric_for_best_model(tmp_path):
     for metric, direction in [("base_majority_agreement", True), ("eval_top_answer_share", False),
-                              ("base_top_answer_share", False)]:  # fmt: skip
+                              ("base_top_answer_share", False), ("guarded_sharpening_error", False)]:  # fmt: skip
         assert (
             cpu_test_args(SelfRewardDPOConfig, tmp_path, metric_for_best_model=metric).greater_is_better is direction
         )

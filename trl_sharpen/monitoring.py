@@ -21,6 +21,7 @@ the KL estimated per sample as log pi(y|x) - log pi_base(y|x), and logs it with 
 | `eval_base_majority_agreement` | share of prompts whose greedy answer is pi_base's majority answer over k samples |
 | `eval_top_answer_share` | share of prompts whose greedy answer is the most common greedy answer across prompts |
 | `eval_base_top_answer_share` | the same for pi_base's greedy outputs (a constant of the run: the alarm's baseline) |
+| `eval_guarded_sharpening_error` | delta, plus 1 at an evaluation the retention alarm's rules flag (see below) |
 | `eval_mean_length`, `eval_clipped_ratio` | sample length in tokens, share of samples cut at the length limit |
 | `eval_greedy_accuracy`, `eval_bon_accuracy` | only when the rows carry reference answers: greedy and BoN@k |
 
@@ -99,6 +100,7 @@ HIGHER_IS_BETTER = {
     "base_top_answer_share": False,  # a constant of the run (pi_base's), listed so every metric has a direction
     "mean_length": True,
     "sharpening_error": False,
+    "guarded_sharpening_error": False,
     "clipped_ratio": False,
 }
 
@@ -520,6 +522,7 @@ class SharpeningMonitorMixin:
         check_reference_column(self.args, self.eval_dataset)
         self._base_greedy_cache: dict = {}  # pi_base's greedy outputs: pi_base is fixed (re-anchoring clears it)
         self._base_majority_cache: dict = {}  # pi_base's majority answers, likewise
+        self._first_agreement: dict[str, float] = {}  # the run's first base_majority_agreement, per eval set
         self.last_evaluation_cost: EvaluationCost | None = None
         if getattr(self.args, "collapse_alarm", False):
             self.add_callback(CollapseAlarmCallback())
@@ -585,6 +588,19 @@ class SharpeningMonitorMixin:
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def _guarded_sharpening_error(self, metrics: dict[str, float], metric_key_prefix: str) -> float:
+        """delta, plus 1 (more than delta can differ between iterates) when the retention alarm's rules flag this
+        evaluation: top-answer share >= pi_base's + `collapse_top_answer_rise`, or base-majority agreement below
+        (1 - `collapse_agreement_drop`) x its first value in this run (pi_base's own under `evaluate_base`). Selecting
+        by it keeps the lowest-delta iterate among those the alarm passes, the base included."""
+        args = self.args
+        first = self._first_agreement.setdefault(metric_key_prefix, metrics["base_majority_agreement"])
+        flagged = (
+            metrics["top_answer_share"] - metrics["base_top_answer_share"] >= args.collapse_top_answer_rise - 1e-12
+            or metrics["base_majority_agreement"] < (1 - args.collapse_agreement_drop) * first
+        )
+        return metrics["sharpening_error"] + (1.0 if flagged else 0.0)
+
     def sharpening_metrics(self, dataset, metric_key_prefix: str = "eval") -> dict[str, float]:
         """The monitoring metrics on the first `eval_num_prompts` rows of `dataset`, prefixed, on every process."""
         args, start = self.args, time.perf_counter()
@@ -628,6 +644,7 @@ class SharpeningMonitorMixin:
         gathered = gather_object(list(zip(indices, records))) if world > 1 else list(zip(indices, records))
         unique = dict(gathered)  # padding repeats an index
         metrics = aggregate([unique[i] for i in sorted(unique)], args.objective_beta)
+        metrics["guarded_sharpening_error"] = self._guarded_sharpening_error(metrics, metric_key_prefix)
         seconds = time.perf_counter() - start
         generated = share * world
         # Each process's own new pi_base generations (its caches hold its own prompts), summed
