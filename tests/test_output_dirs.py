@@ -359,3 +359,20 @@ def test_a_lock_file_left_by_another_machine_is_refused_with_the_way_out(tmp_pat
     )
     (out / LOCK_FILE).unlink()
     acquire_output_dir(out)()  # the way out works
+
+
+@pytest.mark.parametrize("command", ["bon", "eval"])
+def test_bon_and_eval_never_write_into_the_model_folder(tmp_path, capsys, monkeypatch, command):
+    import shutil
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    model = tmp_path / "model"
+    shutil.copytree(TOY_MODEL_PATH, model)
+    argv = [a if a != TOY_MODEL_PATH else str(model) for a in (BON if command == "bon" else EVAL)]
+    code, line = run_cli([*argv, "--output_dir", str(model)], capsys)
+    assert (
+        code == 1
+        and line
+        == f"trl-sharpen: error: output_dir {model} is the model's folder: pass another folder for the results."
+    )
+    assert sorted(os.listdir(model)) == sorted(os.listdir(TOY_MODEL_PATH))

@@ -150,6 +150,14 @@ def resolve_model_path(name_or_path: str | None, option: str = "--model_name_or_
     return resolved
 
 
+def check_not_the_model_folder(output_dir: str | None, model_path: str) -> None:
+    """Results written into the model's own folder would mix with its files (a saved dataset's `state.json` beside
+    `config.json`): refuse it before anything is written."""
+    if output_dir is not None and Path(model_path).is_dir():
+        if Path(output_dir).expanduser().resolve() == Path(model_path).expanduser().resolve():
+            raise ValueError(f"output_dir {output_dir} is the model's folder: pass another folder for the results.")
+
+
 def check_model_config(model_args) -> None:
     """`ModelConfig` fields that do not apply to sampling, or values that a YAML file slipped past argparse."""
     if model_args.dtype not in DTYPES:
@@ -237,6 +245,7 @@ def run_best_of_n(args: BestOfNArguments, model_args):
 
         reference_answers(prompts, args.answer_column)  # rows without a reference: refused, as `eval` refuses them
     path = resolve_model_path(model_args.model_name_or_path)
+    check_not_the_model_folder(args.output_dir, path)
     state = distributed_state()  # under `accelerate launch`: the shards are split across the processes
     model = load_model(model_args, path, args.trust_remote_code)
     tokenizer = load_tokenizer(model, path, model_args, args.trust_remote_code)
@@ -285,6 +294,7 @@ def run_eval(args: EvalArguments, model_args):
     prompts = args.load_prompts()
     answers = reference_answers(prompts, args.answer_column)  # fail before loading a model
     path = resolve_model_path(model_args.model_name_or_path)
+    check_not_the_model_folder(args.output_dir, path)
     base_path = None
     if args.base_model_name_or_path is not None:
         base_path = resolve_model_path(args.base_model_name_or_path, "--base_model_name_or_path")
