@@ -64,7 +64,6 @@ class _SampledTokenLogprobRecorder:
     (or, for the last token, in the returned sequences). So the hook keeps one step of log-probabilities pending and
     gathers it when the sampled token shows up: memory stays at one `(batch, vocab)` float32 tensor.
 
-
     Exact only when every forward after the first (the prefill) carries exactly one new token, the one sampled from
     the previous forward's logits; then there is one step per completion token. Anything else (a chunked prefill, a
     forward that brings several tokens) makes `per_token_logprobs` return None, and the caller re-scores.

@@ -177,23 +177,22 @@ def verified_logit_transform(causal_lm: torch.nn.Module):
     def check():
         ids = torch.tensor(check_token_ids(causal_lm, [5]), device=_device_of(causal_lm))
         expected = causal_lm(input_ids=ids, use_cache=False).logits.float()
-        hidden = causal_lm.base_model(input_ids=ids, use_cache=False).last_hidden_state
-        got = head_logits(causal_lm.get_output_embeddings(), hidden, transform)
-        error = (got - expected).abs().max().item()
-        exact = error <= check_tolerance(causal_lm) * max(1.0, expected.abs().max().item())
-        if not exact:
-            logger.warning(
-                "%s: the LM head after the backbone gives logits %.3g away from the model's own forward; scoring with "
-                "the model's forward (slower). If that forward was patched, check that it is this model's.",
-                type(causal_lm).__name__, error,
-            )  # fmt: skip
-        return exact
+        try:
+            hidden = causal_lm.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            got = head_logits(causal_lm.get_output_embeddings(), hidden, transform)
+            error = (got - expected).abs().max().item()
+        except Exception as exc:  # e.g. a backbone without `last_hidden_state`
+            error = f"not computable ({type(exc).__name__})"
+        if isinstance(error, float) and error <= check_tolerance(causal_lm) * max(1.0, expected.abs().max().item()):
+            return True
+        logger.warning(
+            "%s: the LM head after the backbone does not give the model's own logits (difference %s); scoring with the "
+            "model's forward (slower). If that forward was patched, check that it is this model's.",
+            type(causal_lm).__name__, error if isinstance(error, str) else f"{error:.3g}",
+        )  # fmt: skip
+        return False
 
-    try:
-        exact = once_per_model(causal_lm, "logit_transform", check)
-    except Exception:  # e.g. a backbone without `last_hidden_state`: use the model's own forward
-        exact = False
-    return transform if exact else None
+    return transform if once_per_model(causal_lm, "logit_transform", check) else None
 
 
 def _device_of(causal_lm: torch.nn.Module) -> torch.device:
