@@ -325,6 +325,9 @@ FINITE = "must be a finite number, got {}."
         ("XPOConfig", {"alpha": float("nan")}, "alpha " + FINITE.format("nan")),
         ("XPOConfig", {"alpha": [0.1, float("inf")]}, "alpha " + FINITE.format("inf")),
         ("SelfRewardDPOConfig", {"temperature": 1e-300}, "temperature must be >= 0.001, got 1e-300."),
+        ("SelfRewardGRPOConfig", {"temperature": 1e-300}, "temperature must be >= 0.001, got 1e-300."),
+        ("SelfRewardRLOOConfig", {"temperature": 0.0}, "temperature must be > 0, got 0.0."),
+        ("SelfRewardGRPOConfig", {"eval_beta": float("nan")}, "eval_beta " + FINITE.format("nan")),
         ("SelfRewardDPOConfig", {"tie_tolerance": float("nan")}, "tie_tolerance " + FINITE.format("nan")),
         # fields inherited from TrainingArguments / TRL are covered by the same helper
         ("SelfRewardDPOConfig", {"learning_rate": float("nan")}, "learning_rate " + FINITE.format("nan")),
@@ -350,8 +353,15 @@ FINITE = "must be a finite number, got {}."
 )
 def test_every_float_setting_must_be_finite(tmp_path, cls_name, overrides, message):
     from trl_sharpen import BoNSFTConfig, SelfRewardDPOConfig, XPOConfig
+    from trl_sharpen.self_reward_rl_config import SelfRewardGRPOConfig, SelfRewardRLOOConfig
 
-    cls = {"SelfRewardDPOConfig": SelfRewardDPOConfig, "XPOConfig": XPOConfig, "BoNSFTConfig": BoNSFTConfig}[cls_name]
+    cls = {
+        "SelfRewardDPOConfig": SelfRewardDPOConfig,
+        "XPOConfig": XPOConfig,
+        "BoNSFTConfig": BoNSFTConfig,
+        "SelfRewardGRPOConfig": SelfRewardGRPOConfig,
+        "SelfRewardRLOOConfig": SelfRewardRLOOConfig,
+    }[cls_name]
     with pytest.raises(ValueError) as error:
         cpu_test_args(cls, tmp_path / "out", **overrides)
     assert str(error.value).startswith(message), str(error.value)
@@ -362,8 +372,9 @@ def test_every_float_field_of_our_configs_is_checked(tmp_path):
     import dataclasses
 
     from trl_sharpen import BoNSFTConfig, SelfRewardDPOConfig, XPOConfig
+    from trl_sharpen.self_reward_rl_config import SelfRewardGRPOConfig, SelfRewardRLOOConfig
 
-    for cls in (BoNSFTConfig, SelfRewardDPOConfig, XPOConfig):
+    for cls in (BoNSFTConfig, SelfRewardDPOConfig, XPOConfig, SelfRewardGRPOConfig, SelfRewardRLOOConfig):
         config = cpu_test_args(cls, tmp_path / "out")
         floats = [f.name for f in dataclasses.fields(cls) if isinstance(getattr(config, f.name), float)]
         assert len(floats) > 10, floats

@@ -66,6 +66,19 @@ def show_value(value) -> str:
     return repr(value)
 
 
+def check_temperature(temperature) -> None:
+    """A sampling temperature > 0, and at least MIN_TEMPERATURE: logits / 1e-300 overflow (float32 reads 1e-300 as
+    0), and below it sampling is greedy in all but name."""
+    check_number(
+        "temperature", temperature, "> 0", _is_number(temperature) and temperature > 0,
+        "Sampling needs a temperature > 0 (the paper samples at 1.0); greedy accuracy is reported separately.",
+    )  # fmt: skip
+    check_number(
+        "temperature", temperature, f">= {MIN_TEMPERATURE}", temperature >= MIN_TEMPERATURE,
+        "Lower temperatures overflow the logits; greedy accuracy is reported separately.",
+    )  # fmt: skip
+
+
 def check_finite_numbers(config) -> None:
     """Every float setting of a dataclass config, its own fields and inherited ones (TrainingArguments', TRL's), one
     value or a list of values, must be a finite number. NaN passes every `<` / `>` range check (`eval_beta=nan` gave
@@ -85,6 +98,8 @@ def check_finite_numbers(config) -> None:
                 raise ValueError(
                     f"{config_field.name} is out of range (beyond 64-bit integers): got {show_value(item)}."
                 )
+        if config_field.name == "temperature" and isinstance(value, (int, float)):  # TRL's GRPO/RLOO configs too
+            check_temperature(value)
         rule = INHERITED_RANGES.get(config_field.name)
         if rule is not None and _is_number(value) and not rule[1](value):
             raise ValueError(f"{config_field.name} must be {rule[0]}, got {value!r}. {rule[2]}")
@@ -146,16 +161,8 @@ class GenerationArguments:
 
     def __post_init__(self):
         self._resolve_deprecated_names()
-        check_finite_numbers(self)
-        check_number(
-            "temperature", self.temperature, "> 0", _is_number(self.temperature) and self.temperature > 0,
-            "Sampling needs a temperature > 0 (the paper samples at 1.0); greedy accuracy is reported separately.",
-        )  # fmt: skip
-        # Logits / 1e-300 overflow (float32 reads 1e-300 as 0): below MIN_TEMPERATURE sampling is greedy in all but name
-        check_number(
-            "temperature", self.temperature, f">= {MIN_TEMPERATURE}", self.temperature >= MIN_TEMPERATURE,
-            "Lower temperatures overflow the logits; greedy accuracy is reported separately.",
-        )  # fmt: skip
+        check_finite_numbers(self)  # also the temperature (`check_temperature`)
+        check_temperature(self.temperature)  # a field, so always checked (even if a subclass retypes it)
         check_number(
             "top_p", self.top_p, "in (0, 1]", _is_number(self.top_p) and 0 < self.top_p <= 1,
             "top_p = 0 would make every sample the greedy one; use 1.0 to turn nucleus sampling off.",
