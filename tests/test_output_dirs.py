@@ -316,8 +316,9 @@ def test_no_command_deletes_a_user_file_in_its_output_folder(tmp_path, toy_as_gg
     outcomes = {}
     for name, command in commands.items():
         out = user_folder(tmp_path / name.replace(" ", "_"))
-        (out / "checkpoint-3").mkdir()  # a folder named like ours, holding the user's file too
-        (out / "checkpoint-3" / "notes.txt").write_text("kept\n")
+        for ours in ("checkpoint-3", "shards"):  # folders named like ours, holding the user's files too
+            (out / ours).mkdir()
+            (out / ours / "notes.txt").write_text("kept\n")
         try:
             command(out)
             outcomes[name] = "ran"
@@ -326,6 +327,7 @@ def test_no_command_deletes_a_user_file_in_its_output_folder(tmp_path, toy_as_gg
         assert (out / "notes.txt").read_text() == "the user's own file\n", name
         if name != "recipe --overwrite_output_dir":  # the one that was asked to discard checkpoints
             assert (out / "checkpoint-3" / "notes.txt").exists(), name
+        assert (out / "shards" / "notes.txt").exists(), name
     capsys.readouterr()
     assert outcomes["bon"] == outcomes["eval"] == outcomes["tasks"] == "ran", outcomes
     assert outcomes["convert"].startswith("refused") and outcomes["recipe"].startswith("refused"), outcomes

@@ -197,8 +197,8 @@ class _ShardWriter:
         state = PartialState()
         if state.is_main_process:
             run_file = output_dir / RUN_FILE
-            if overwrite:
-                shutil.rmtree(self.shards_dir, ignore_errors=True)
+            if overwrite and run_file.exists():  # shards of ours (a Best-of-N run file beside them), never a folder
+                shutil.rmtree(self.shards_dir, ignore_errors=True)  # of the user's that happens to be named `shards`
             elif self._holds_results():
                 # Results of a run that got at least one shard (or the final dataset) written: resume only with the
                 # same arguments. A run file alone (a first run that failed before any shard) locks nothing.
