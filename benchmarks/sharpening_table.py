@@ -4,7 +4,8 @@
 
 Rows: the base model's greedy decoding; inference-time Best-of-N (the skyline sharpening should amortise); greedy
 decoding after SFT-Sharpening (`BoNSFTTrainer`), RLHF-Sharpening with TRL's DPO loss and with the paper's regression
-loss (`SelfRewardDPOTrainer`), and XPO (`XPOTrainer`). Each trainer uses its recipe's toy YAML
+loss (`SelfRewardDPOTrainer`), XPO (`XPOTrainer`), and GRPO / RLOO with the self-rewards log pi_base, majority,
+self-certainty and negative entropy (`SelfRewardGRPOTrainer`, `SelfRewardRLOOTrainer`; `--methods grpo rloo ...`). Each trainer uses its recipe's toy YAML
 (`recipes/<method>/toy_cpu.yaml`), so the table shows what the README commands do, over several seeds.
 
 Columns: greedy accuracy on the 200 held-out test prompts (mean +- std over seeds), % lift over the base's greedy
@@ -61,14 +62,26 @@ def recipe_args(name: str, output_dir: str, seed: int, overrides: list[str]):
 
 def train(method: dict, tokenizer, seed: int, workdir: str):
     """Build the trainer as its recipe does, train, and return (model, seconds, samples from base, from policy)."""
-    from trl_sharpen import BoNSFTTrainer, SelfRewardDPOTrainer, XPOTrainer
+    from trl_sharpen import (
+        BoNSFTTrainer,
+        SelfRewardDPOTrainer,
+        SelfRewardGRPOTrainer,
+        SelfRewardRLOOTrainer,
+        XPOTrainer,
+    )
     from trl_sharpen.script_utils import load_prompt_datasets
 
     script_args, args = recipe_args(
         method["recipe"], os.path.join(workdir, f"{method['key']}-{seed}"), seed, method["overrides"]
     )
     train_dataset = load_prompt_datasets(script_args)[script_args.dataset_train_split]
-    trainer_class = {"sft_sharpen": BoNSFTTrainer, "dpo_sharpen": SelfRewardDPOTrainer, "xpo_sharpen": XPOTrainer}
+    trainer_class = {
+        "sft_sharpen": BoNSFTTrainer,
+        "dpo_sharpen": SelfRewardDPOTrainer,
+        "xpo_sharpen": XPOTrainer,
+        "grpo_sharpen": SelfRewardGRPOTrainer,
+        "rloo_sharpen": SelfRewardRLOOTrainer,
+    }
     start = time.perf_counter()
     trainer = trainer_class[method["recipe"]](
         model=TOY_MODEL_PATH, args=args, train_dataset=train_dataset, processing_class=tokenizer
@@ -81,6 +94,8 @@ def train(method: dict, tokenizer, seed: int, workdir: str):
     elif method["recipe"] == "dpo_sharpen":
         drawn = trainer.state.global_step * batch * args.num_generations
         from_base, from_policy = (drawn, 0) if args.sample_from == "base" else (0, drawn)
+    elif method["recipe"] in ("grpo_sharpen", "rloo_sharpen"):  # GRPO/RLOO batches count completions
+        from_base, from_policy = 0, trainer.state.global_step * batch
     else:  # XPO: one y from the policy and one y~ from pi_base per prompt and step
         from_base = from_policy = trainer.state.global_step * batch
     return trainer.accelerator.unwrap_model(trainer.model).eval(), seconds, from_base, from_policy
@@ -107,6 +122,27 @@ METHODS = [
         "overrides": ["--preset", "paper"],
     },
     {"key": "xpo", "label": "XPO (XPOTrainer, alpha 0.1)", "recipe": "xpo_sharpen", "overrides": []},
+    # GRPO / RLOO (issue 20): the toy recipes (50 steps, 4 generations, last iterate)
+    {"key": "grpo", "label": "GRPO, log pi_base (SelfRewardGRPOTrainer)", "recipe": "grpo_sharpen", "overrides": []},
+    {"key": "rloo", "label": "RLOO, log pi_base (SelfRewardRLOOTrainer)", "recipe": "rloo_sharpen", "overrides": []},
+    {
+        "key": "grpo-majority",
+        "label": "GRPO, majority vote, beta 0.1",
+        "recipe": "grpo_sharpen",
+        "overrides": ["--self_reward", "majority", "--beta", "0.1"],
+    },
+    {
+        "key": "grpo-self-certainty",
+        "label": "GRPO, self-certainty (Intuitor)",
+        "recipe": "grpo_sharpen",
+        "overrides": ["--self_reward", "self_certainty"],
+    },
+    {
+        "key": "grpo-negative-entropy",
+        "label": "GRPO, negative entropy (RENT)",
+        "recipe": "grpo_sharpen",
+        "overrides": ["--self_reward", "negative_entropy"],
+    },
 ]
 
 
