@@ -362,6 +362,13 @@ def test_lora_steps_on_smollm2_reuse_the_reference_pass_and_move_only_the_adapte
     assert all("lora_" in n for n in adapters)
 
 
+def test_positional_arguments_follow_trls_order(tmp_path, toy_model, toy_tokenizer):
+    args = SelfRewardRLOOConfig(output_dir=str(tmp_path), **{**RL_ARGS, "max_steps": 1})
+    prompts, test = load_toy_prompts("train").select(range(8)), load_toy_prompts("test").select(range(4))
+    trainer = SelfRewardRLOOTrainer(toy_model, None, args, prompts, test, toy_tokenizer)
+    assert (trainer.train_dataset, trainer.eval_dataset, trainer.processing_class) == (prompts, test, toy_tokenizer)
+
+
 def test_exports():
     import trl_sharpen
 

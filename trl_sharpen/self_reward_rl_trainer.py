@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 
@@ -140,8 +141,10 @@ class SelfRewardRLMixin(SharpeningMonitorMixin):
     _config_class = SelfRewardGRPOConfig
 
     def __init__(self, model, reward_funcs=None, args=None, *positional, **kwargs):
-        if positional:
-            raise TypeError(f"{type(self).__name__} takes train_dataset and the rest as keyword arguments.")
+        if positional:  # TRL's order after `args`: train_dataset, eval_dataset, processing_class, ...
+            trl_trainer = next(c for c in type(self).__mro__ if c in (GRPOTrainer, RLOOTrainer))
+            names = list(inspect.signature(trl_trainer.__init__).parameters)[4:]  # after self, model, funcs, args
+            kwargs.update(zip(names, positional, strict=False))
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = self._config_class(f"{name.split('/')[-1]}-{type(self).__name__}")
