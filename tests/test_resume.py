@@ -90,7 +90,9 @@ def test_resume_without_the_rng_state_samples_other_completions(tmp_path):
 
 # ------------------------------------------------------------------------------------------- two processes
 @pytest.mark.distributed
-@pytest.mark.parametrize("recipe", [recipe for recipe in RECIPES if recipe.exists()], ids=lambda r: r.name)
+@pytest.mark.parametrize(
+    "recipe", [recipe for recipe in RECIPES if recipe.exists() and recipe.resume], ids=lambda r: r.name
+)
 def test_recipe_resumes_on_two_processes_under_zero3(recipe, tmp_path_factory, tmp_path):
     """The recipe under ZeRO-3 on 2 processes, stopped after checkpoint-2 and relaunched with the same command plus
     `--resume_from_checkpoint`: same final weights on both ranks and on disk, same losses, no Best-of-N resampling."""
