@@ -1,8 +1,8 @@
-"""SelfRewardGRPOTrainer on 2 CPU processes under DeepSpeed ZeRO-2, with the majority self-reward on groups that TRL
-splits across the processes: the votes equal the single-process votes over whole groups, for the trainer's reward
-and for the `get_self_reward("majority")` TRL callable, and training steps run on both ranks. (The ZeRO-3 runs of
-recipes/grpo_sharpen.py, with majority, and rloo_sharpen.py, and GRPO's ZeRO-3 resume, are in
-tests/test_distributed.py and tests/test_resume.py; parametrize with "zero3" here to run this check there too.)"""
+"""SelfRewardGRPOTrainer on 2 CPU processes under DeepSpeed ZeRO-2 and ZeRO-3, with the majority self-reward on
+groups that TRL splits across the processes: the votes equal the single-process votes over whole groups, for the
+trainer's reward and for the `get_self_reward("majority")` TRL callable, and training steps run on both ranks. (The
+ZeRO-3 runs of recipes/grpo_sharpen.py and rloo_sharpen.py, and GRPO's ZeRO-3 resume, are in tests/test_distributed.py
+and tests/test_resume.py.)"""
 
 import json
 
@@ -22,7 +22,7 @@ def single_process_votes() -> list[float]:
     return MajorityReward().score(["x"] * len(rows), rows, [[0]] * len(rows), group_ids=group_ids)
 
 
-@pytest.mark.parametrize("backend", ["zero2"])  # ZeRO-3 with majority: the recipe's run in tests/test_distributed.py
+@pytest.mark.parametrize("backend", ["zero2", "zero3"])
 def test_majority_votes_over_whole_groups_split_across_processes(backend, tmp_path):
     result = launch(BACKENDS[backend], ["tests/grpo_majority_check.py"], [str(tmp_path)])
     assert result.returncode == 0, failure_output(result)
