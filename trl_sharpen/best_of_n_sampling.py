@@ -46,6 +46,7 @@ from .data import ensure_pad_token, is_saved_dataset, model_max_length, tokenize
 from .errors import check_output_dir
 from .fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
 from .generation import Completions, eval_mode, generate_completions, sampling_config, seeded
+from .output_dir import OutputFiles, output_dir_lock
 from .sampling_arguments import (
     BestOfNSamplingArguments,
     answer_gating_on,
@@ -59,6 +60,32 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "bon_run.json"
 SHARDS_DIR = "shards"
+FINAL_FILES = ("state.json", "dataset_info.json")  # with data-*.arrow: the final dataset, saved beside shards/
+
+
+def bon_output_files(output_dir, overwrite: bool = False) -> OutputFiles:
+    """What `best_of_n` may replace in output_dir: only what a Best-of-N run wrote there (see `OutputFiles`); a
+    folder holding anything else is refused unless `overwrite`, and then only written beside those files."""
+    return OutputFiles(
+        output_dir,
+        "bon",
+        overwrite=overwrite,
+        overwrite_hint="--overwrite (overwrite=True)",
+        legacy=_legacy_bon_files,
+        planned=(RUN_FILE, SHARDS_DIR, *FINAL_FILES, "data-*.arrow"),
+    )
+
+
+def _legacy_bon_files(folder: Path) -> set[str]:
+    """A folder written before the file manifest existed: its run file names it as Best-of-N's."""
+    if not (folder / RUN_FILE).is_file():
+        return set()
+    names = {RUN_FILE, SHARDS_DIR, *FINAL_FILES}
+    return {
+        p.name for p in folder.iterdir() if p.name in names or (p.name.startswith("data-") and p.suffix == ".arrow")
+    }
+
+
 CHECKSUM_FILE = "checksums.json"  # in each shard folder: sha256 of its files
 
 BON_FEATURES = Features(
@@ -197,8 +224,12 @@ class _ShardWriter:
         state = PartialState()
         if state.is_main_process:
             run_file = output_dir / RUN_FILE
-            if overwrite and run_file.exists():  # shards of ours (a Best-of-N run file beside them), never a folder
-                shutil.rmtree(self.shards_dir, ignore_errors=True)  # of the user's that happens to be named `shards`
+            # Only what a Best-of-N run wrote may be replaced: a folder of the user's is refused (or, with overwrite,
+            # written beside its files, never over them)
+            self.files = bon_output_files(output_dir, overwrite)
+            self.files.claim(RUN_FILE, SHARDS_DIR)
+            if overwrite and self.files.previous_run:  # shards of ours, never a user's folder named `shards`
+                shutil.rmtree(self.shards_dir, ignore_errors=True)
             elif self._holds_results():
                 # Results of a run that got at least one shard (or the final dataset) written: resume only with the
                 # same arguments. A run file alone (a first run that failed before any shard) locks nothing.
@@ -287,7 +318,7 @@ class _ShardWriter:
         state.wait_for_everyone()
         with _quiet_datasets():
             if state.is_main_process:
-                _save_final(self.read_verified(num_shards), self.output_dir)
+                _save_final(self.read_verified(num_shards), self.output_dir, self.files)
             state.wait_for_everyone()
             return load_from_disk(str(self.output_dir))
 
@@ -363,74 +394,85 @@ def best_of_n(
         **sampling.fingerprint(reward.name),
         "base_model_is_sampler": base_logprobs_fn is None,
     }
-    writer = _ShardWriter(output_dir, run, overwrite)
-    features = Features({**prompts.features, **BON_FEATURES})
+    # The folder is this run's alone (another run on it is refused, naming it); re-entrant under `trl-sharpen bon`,
+    # which holds the lock already
+    with output_dir_lock(output_dir):
+        writer = _ShardWriter(output_dir, run, overwrite)
+        features = Features({**prompts.features, **BON_FEATURES})
 
-    state = PartialState()
-    num_shards = math.ceil(len(prompts) / shard_size)
-    my_shards = [s for s in range(state.process_index, num_shards, state.num_processes) if not writer.done(s)]
-    my_prompts = sum(min(shard_size, len(prompts) - s * shard_size) for s in my_shards)
-    if state.num_processes > 1:  # each rank says what it does: a rank that sampled nothing would otherwise go unseen
-        logger.info(
-            "Best-of-N on process %d of %d: %d of %d shards to sample (%d prompts)",
-            state.process_index,
-            state.num_processes,
-            len(my_shards),
-            num_shards,
-            my_prompts,
+        state = PartialState()
+        num_shards = math.ceil(len(prompts) / shard_size)
+        my_shards = [s for s in range(state.process_index, num_shards, state.num_processes) if not writer.done(s)]
+        my_prompts = sum(min(shard_size, len(prompts) - s * shard_size) for s in my_shards)
+        if (
+            state.num_processes > 1
+        ):  # each rank says what it does: a rank that sampled nothing would otherwise go unseen
+            logger.info(
+                "Best-of-N on process %d of %d: %d of %d shards to sample (%d prompts)",
+                state.process_index,
+                state.num_processes,
+                len(my_shards),
+                num_shards,
+                my_prompts,
+            )
+        bar = tqdm(
+            total=my_prompts * num_samples,
+            desc="Best-of-N sampling",
+            unit="sample",
+            disable=not progress or not state.is_local_main_process,
         )
-    bar = tqdm(
-        total=my_prompts * num_samples,
-        desc="Best-of-N sampling",
-        unit="sample",
-        disable=not progress or not state.is_local_main_process,
-    )
-    local_rows = []
-    try:
-        for shard in my_shards:
-            indices = list(range(shard * shard_size, min((shard + 1) * shard_size, len(prompts))))
-            with eval_mode(model), seeded(model, seed + shard):
-                rows = _best_of_n_shard(
-                    model,
-                    tokenizer,
-                    prompts.select(indices),
-                    prompt_column,
-                    indices,
-                    [prompt_ids[i] for i in indices],
-                    reward,
-                    generation_config,
-                    num_samples=num_samples,
-                    batch_size=sampling.sampling_batch_size,
-                    truncated_policy=sampling.truncated_completions,
-                    truncation_penalty=sampling.truncation_penalty,
-                    answer_gating=(sampling.answer_extractor, sampling.require_answer),
-                    adaptive_delta=sampling.adaptive_delta,
-                    adaptive_round_size=sampling.adaptive_round_size,
-                    base_logprobs_fn=base_logprobs_fn,
-                    synced_gpus=synced_gpus,
-                    progress=bar,
-                )
-            with _quiet_datasets():
-                writer.write(shard, Dataset.from_list(rows, features=features))
-            local_rows.extend(rows)
-    finally:
-        bar.close()
+        local_rows = []
+        try:
+            for shard in my_shards:
+                indices = list(range(shard * shard_size, min((shard + 1) * shard_size, len(prompts))))
+                with eval_mode(model), seeded(model, seed + shard):
+                    rows = _best_of_n_shard(
+                        model,
+                        tokenizer,
+                        prompts.select(indices),
+                        prompt_column,
+                        indices,
+                        [prompt_ids[i] for i in indices],
+                        reward,
+                        generation_config,
+                        num_samples=num_samples,
+                        batch_size=sampling.sampling_batch_size,
+                        truncated_policy=sampling.truncated_completions,
+                        truncation_penalty=sampling.truncation_penalty,
+                        answer_gating=(sampling.answer_extractor, sampling.require_answer),
+                        adaptive_delta=sampling.adaptive_delta,
+                        adaptive_round_size=sampling.adaptive_round_size,
+                        base_logprobs_fn=base_logprobs_fn,
+                        synced_gpus=synced_gpus,
+                        progress=bar,
+                    )
+                with _quiet_datasets():
+                    writer.write(shard, Dataset.from_list(rows, features=features))
+                local_rows.extend(rows)
+        finally:
+            bar.close()
 
-    return writer.result(num_shards, local_rows, features)
+        return writer.result(num_shards, local_rows, features)
 
 
-def _save_final(dataset: Dataset, output_dir: Path) -> None:
+def _save_final(dataset: Dataset, output_dir: Path, files: OutputFiles) -> None:
     """Save the merged dataset into output_dir (beside `shards/`) without a moment where it holds a half-written one:
-    save to a temporary folder, then move the files in, `state.json` (which names the data files) last."""
+    save to a temporary folder, then move the files in, `state.json` (which names the data files) last. Only files a
+    Best-of-N run wrote are replaced or removed (`files`): a same-named file of the user's stops the save."""
     tmp = output_dir / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     dataset.save_to_disk(str(tmp))
     names = sorted((p.name for p in tmp.iterdir()), key=lambda name: name == "state.json")
+    try:
+        files.claim(*names)
+    except ValueError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for name in names:
         os.replace(tmp / name, output_dir / name)
     tmp.rmdir()
-    for stale in output_dir.glob("data-*.arrow"):  # data files of a previous, larger final dataset
-        if stale.name not in names:
+    for stale in output_dir.glob("data-*.arrow"):  # data files of a previous, larger final dataset (ours only)
+        if stale.name not in names and files.is_ours(stale.name):
             stale.unlink()
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Light imports only (standard library underneath): `trl-sharpen --help` must not load torch
 from .errors import check_lora_options, check_model_path, check_output_dir, clear_errors
-from .output_dir import output_dir_lock
+from .output_dir import OutputFiles, output_dir_lock
 from .real_models import ConvertArguments, resolve_model_name_or_path, run_convert
 from .sampling_arguments import BestOfNSamplingArguments, SamplingArguments, check_int, field_like
 
@@ -120,6 +120,13 @@ class EvalArguments(PromptDataArguments, ModelSourceArguments, SamplingArguments
     output_dir: str | None = field(
         default=None,
         metadata={"help": "Write report.json, samples.jsonl and the PNG plots here (default: print only)."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into an output_dir that holds files eval did not write (they are kept: a same-named file "
+            "of yours is never replaced). Without it such a folder is refused."
+        },
     )
     plots: bool = field(default=True, metadata={"help": "Draw the PNG plots into output_dir (needs matplotlib)."})
     temperature_1_samples: bool = field(
@@ -246,6 +253,9 @@ def run_best_of_n(args: BestOfNArguments, model_args):
         reference_answers(prompts, args.answer_column)  # rows without a reference: refused, as `eval` refuses them
     path = resolve_model_path(model_args.model_name_or_path)
     check_not_the_model_folder(args.output_dir, path)
+    from .best_of_n_sampling import bon_output_files
+
+    bon_output_files(args.output_dir, args.overwrite)  # a folder of the user's: refused before the model loads
     state = distributed_state()  # under `accelerate launch`: the shards are split across the processes
     model = load_model(model_args, path, args.trust_remote_code)
     tokenizer = load_tokenizer(model, path, model_args, args.trust_remote_code)
@@ -295,6 +305,11 @@ def run_eval(args: EvalArguments, model_args):
     answers = reference_answers(prompts, args.answer_column)  # fail before loading a model
     path = resolve_model_path(model_args.model_name_or_path)
     check_not_the_model_folder(args.output_dir, path)
+    # Only files an earlier eval wrote are replaced: a folder of the user's is refused before the model loads
+    files = None
+    if args.output_dir is not None:
+        planned = ("report.json", "samples.jsonl", "accuracy_vs_n.png", "loglik_histogram.png")  # plots.PLOT_FILES
+        files = OutputFiles(args.output_dir, "eval", overwrite=args.overwrite, planned=planned)
     base_path = None
     if args.base_model_name_or_path is not None:
         base_path = resolve_model_path(args.base_model_name_or_path, "--base_model_name_or_path")
@@ -322,11 +337,13 @@ def run_eval(args: EvalArguments, model_args):
     print(format_report(report), flush=True)
     if args.output_dir is not None:
         output_dir = Path(args.output_dir)
+        files.claim("report.json", "samples.jsonl")  # a same-named file of the user's (appeared since): refused
         written = [report.save_json(output_dir / "report.json"), report.save_samples(output_dir / "samples.jsonl")]
         if args.plots:
             try:
-                from .plots import save_plots
+                from .plots import PLOT_FILES, save_plots
 
+                files.claim(*PLOT_FILES)
                 written += list(save_plots(report, output_dir).values())
             except ImportError as error:
                 print(f"Skipping the plots: {error}", file=sys.stderr)

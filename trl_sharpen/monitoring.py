@@ -76,6 +76,7 @@ from .evaluation import check_answers, get_answer_checker
 from .generation import generate_completions, sampling_config, seeded
 from .logprobs import sequence_logprobs
 from .metrics import best_of_n_selection_probabilities
+from .output_dir import output_dir_lock
 from .report import SampleSet, sharpening_errors
 from .sampling_arguments import check_finite_numbers
 
@@ -555,7 +556,10 @@ class SharpeningMonitorMixin:
         # RNG state, XPO's replay buffer) is refused: transformers would restart that state without a word
         resume_from_checkpoint = check_resume_checkpoint(self, resume_from_checkpoint)
         self._base_checkpoint_metric, self.base_won = None, False
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        # output_dir is this run's alone while it trains (a second run on it, from Python or a recipe, is refused
+        # naming this one); the main process locks, re-entrant under a recipe, which holds the lock already
+        with output_dir_lock(self.args.output_dir if self.args.should_save else None):
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._report_if_the_base_won()
         return output
 

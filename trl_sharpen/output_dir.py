@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import fnmatch
 import json
 import logging
 import os
@@ -213,3 +214,84 @@ def output_dir_lock(folder: str | os.PathLike | None, option: str = "output_dir"
         yield
     finally:
         release()
+
+
+# What a command wrote into its folder ----------------------------------------------------------------------------------
+
+MANIFEST = "_trl_sharpen_files.json"  # {command: [names it wrote]}: what a later run of that command may replace
+
+
+def _read_manifest(folder: Path) -> dict[str, list[str]]:
+    value = _read_json(folder / MANIFEST)
+    if not value:
+        return {}
+    return {str(k): [str(n) for n in v] for k, v in value.items() if isinstance(v, list)}
+
+
+def _listing(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class OutputFiles:
+    """The files a command writes directly into its output folder, recorded in `<folder>/_trl_sharpen_files.json`.
+
+    A folder may be written when it is new or empty, or when it holds what an earlier run of the same command wrote
+    (its manifest, or `legacy(folder)`: the names a run from before the manifest left, recognized by its own run
+    file). Anything else in it is the user's (or another command's): the folder is refused unless `overwrite`, and
+    even then only written beside those files: `claim(name)` refuses a name that exists and is not ours. A name is
+    recorded before it is written, so a run that dies mid-write still knows the file as its own."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        command: str,
+        *,
+        overwrite: bool = False,
+        option: str = "output_dir",
+        overwrite_hint: str = "--overwrite",
+        legacy: Callable[[Path], set[str]] | None = None,
+        planned: tuple[str, ...] = (),
+    ):
+        self.folder, self.command, self.option = Path(folder), command, option
+        manifest = _read_manifest(self.folder)
+        self.ours = set(manifest.get(command, []))
+        if legacy is not None and self.folder.is_dir():
+            self.ours |= legacy(self.folder)
+        others = {n for k, names in manifest.items() if k != command for n in names}
+        entries = sorted(p.name for p in self.folder.iterdir()) if self.folder.is_dir() else []
+        foreign = [
+            n
+            for n in entries
+            if n not in self.ours and n not in (LOCK_FILE, MANIFEST) and not n.startswith(f".{MANIFEST}.")
+        ]
+        self.previous_run = bool(self.ours)
+        if foreign and not self.ours and not overwrite:
+            whose = "another trl-sharpen command" if set(foreign) <= others else f"trl-sharpen {command}"
+            raise ValueError(
+                f"{option} {self.folder} already holds files that {whose} did not write ({_listing(foreign)}): pass a "
+                f"new or empty folder, or {overwrite_hint} to write beside them (a file of yours is never replaced)."
+            )
+        # Names (or glob patterns) the run will write: one held by a file of the user's stops it now, not at the end
+        self.claim(*(n for n in foreign if any(fnmatch.fnmatchcase(n, pattern) for pattern in planned)), record=False)
+
+    def is_ours(self, name: str) -> bool:
+        return name in self.ours
+
+    def claim(self, *names: str, record: bool = True) -> None:
+        """Record `names` as this command's before they are written; refuse one that exists and is not ours."""
+        clash = [n for n in names if n not in self.ours and os.path.lexists(self.folder / n)]
+        if clash:
+            raise ValueError(
+                f"{self.option} {self.folder} holds {_listing(clash)}, which trl-sharpen {self.command} did not write: "
+                f"it is never replaced. Move it away, or pass another {self.option}."
+            )
+        if not record or (set(names) <= self.ours and (self.folder / MANIFEST).is_file()):
+            return
+        self.ours |= set(names)
+        manifest = _read_manifest(self.folder)
+        manifest[self.command] = sorted(self.ours)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{MANIFEST}.{os.getpid()}"
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.folder / MANIFEST)

@@ -126,6 +126,9 @@ def plot_loglik_histogram(
     return _save(figure, path)
 
 
+PLOT_FILES = ("accuracy_vs_n.png", "loglik_histogram.png")  # what `save_plots` may write
+
+
 def save_plots(report: SharpeningReport, output_dir: str | os.PathLike) -> dict[str, Path]:
     """Write `accuracy_vs_n.png` and `loglik_histogram.png` (when the report has samples) under `output_dir`."""
     output_dir = Path(output_dir)

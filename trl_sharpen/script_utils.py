@@ -201,6 +201,11 @@ def _holds_results(folder: Path) -> list[str]:
     return found
 
 
+def _is_trainer_checkpoint(folder: Path) -> bool:
+    """A `checkpoint-<step>` folder as transformers writes it (its trainer_state.json)."""
+    return (folder / "trainer_state.json").is_file()
+
+
 def claim_output_dir(training_args, script_args=None, model_args=None) -> None:
     """Before anything is loaded: refuse an unsafe output_dir ('', '.', home, /), lock it for this run (a second run
     on it is refused, naming this one), and refuse a folder holding another run's checkpoints or model written with
@@ -231,6 +236,14 @@ def claim_output_dir(training_args, script_args=None, model_args=None) -> None:
         if previous is not None:
             changed = {k: (previous.get(k), v) for k, v in current.items() if k in previous and previous[k] != v}
         if overwrite:
+            # Only Trainer checkpoints are discarded: a user's folder that happens to be named checkpoint-<n> is kept
+            foreign = [n for n in results if n.startswith("checkpoint-") and not _is_trainer_checkpoint(folder / n)]
+            if foreign:
+                raise ValueError(
+                    f"output_dir {folder} holds {', '.join(foreign[:3])}, which is not a Trainer checkpoint (no "
+                    "trainer_state.json): --overwrite_output_dir never deletes it. Move it away, or pass another "
+                    "--output_dir."
+                )
             for name in results:
                 if name.startswith("checkpoint-"):
                     shutil.rmtree(folder / name)  # the user asked; checkpoints of the earlier run must not mix in
