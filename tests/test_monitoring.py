@@ -311,7 +311,7 @@ def test_evaluate_with_peft_scores_under_the_adapter_disabled_base(kind, tmp_pat
 def test_metric_direction_and_validation(tmp_path):
     args = cpu_test_args(XPOConfig, tmp_path, eval_strategy="steps", eval_steps=1, save_steps=1,
                          save_strategy="steps", load_best_model_at_end=True)  # fmt: skip
-    assert (args.metric_for_best_model, args.greater_is_better) == ("objective", True)
+    assert (args.metric_for_best_model, args.greater_is_better) == ("guarded_sharpening_error", False)
     for metric in ("eval_sharpening_error", "sharpening_error", "eval_heldout_sharpening_error"):
         args = cpu_test_args(SelfRewardDPOConfig, tmp_path, metric_for_best_model=metric)
         assert args.greater_is_better is False, metric

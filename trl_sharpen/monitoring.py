@@ -32,9 +32,10 @@ everywhere). A prompt where pi_base's samples give no answer counts as disagreem
 without one.
 
 `eval_bon_accuracy` is Best-of-k by log pi_base among the k samples (complete samples before truncated ones, exact
-expectation over ties). `metric_for_best_model: objective` with `load_best_model_at_end: true` then keeps Algorithm 1's
-argmax_t J_beta(pi_t) among the saved checkpoints, and `transformers.EarlyStoppingCallback` stops a run whose J_beta
-has not improved for K evaluations. `CollapseAlarmCallback`, added to every trainer, warns when distinct answers,
+expectation over ties). With `load_best_model_at_end: true` the Trainer keeps the checkpoint with the best
+`metric_for_best_model`: by default `guarded_sharpening_error` (the lowest delta among the evaluations the retention
+alarm passes; chosen by measurement, see the README), or `objective` for Algorithm 1's argmax_t J_beta(pi_t); and
+`transformers.EarlyStoppingCallback` stops a run whose metric has not improved for K evaluations. `CollapseAlarmCallback`, added to every trainer, warns when distinct answers,
 length or J_beta fall sharply below their best so far, when `top_answer_share` exceeds pi_base's by
 `collapse_top_answer_rise` or more, or when `base_majority_agreement` falls below (1 - `collapse_agreement_drop`)
 times its first value.
@@ -225,9 +226,12 @@ class MonitoringArguments:
             )
         if not 0 < self.collapse_agreement_drop <= 1:
             raise ValueError(f"collapse_agreement_drop={self.collapse_agreement_drop} must be in (0, 1].")
-        # Our evaluation has no eval_loss: selecting the best iterate defaults to J_beta (Algorithm 1), not to "loss"
+        # Our evaluation has no eval_loss. The default selection metric was chosen by measurement (README, "Which
+        # metric selects the iterate?"): on the six collapsing toy runs the lowest delta reached >= 90% of the best
+        # accuracy seen in 6 of 6 (J_beta in 0 of 6 once the base is a candidate: pi_base has the highest J_beta);
+        # the guarded form adds the retention alarm's rules against the real-model collapses delta alone kept
         if getattr(self, "load_best_model_at_end", False) and getattr(self, "metric_for_best_model", "") is None:
-            self.metric_for_best_model = "objective"
+            self.metric_for_best_model = "guarded_sharpening_error"
         # "objective", "eval_objective", or "eval_<dataset>_objective" with several eval datasets
         metric = getattr(self, "metric_for_best_model", None) or ""
         names = sorted(HIGHER_IS_BETTER, key=len, reverse=True)  # base_top_answer_share before top_answer_share
