@@ -185,6 +185,8 @@ def _log_overridden_settings(causal_lm, checkpoint: GenerationConfig, ours: Gene
             continue  # max_new_tokens decides
         used = getattr(ours, name, None)
         used = defaults.get(name) if used is None else used
+        if used is None and value is False:
+            continue  # an unset flag is off: no difference to report
         if value != used and (name, repr(value)) not in logged:
             overridden[name] = (value, used)
             logged.add((name, repr(value)))
@@ -351,6 +353,73 @@ def _shared_prefill_is_exact(model, generation_config: GenerationConfig) -> bool
     return once_per_model(causal_lm, "shared_prefill", check)
 
 
+_PROVING_GENERATION = "_trl_sharpen_proving_generation"
+
+
+def _generation_padding(model, generation_config: GenerationConfig, synced_gpus: bool | None) -> bool:
+    """Whether prompts of different lengths may share a `generate` call (left-padded), proven once per model
+    (`once_per_model`) by greedy 3-token completions (2 rows per prompt) whose recorded log-probs must equal the
+    model's own forward on each prompt + completion alone (`sequence_logprobs`, within `check_tolerance`):
+
+    - a short prompt left-padded beside a longer one: exact, so padding is invisible (True);
+    - else the short prompt alone: exact, so the model reads padding as text, and `generate_completions` batches only
+      prompts of one length (False);
+    - else transformers' `generate` does not sample from this model's own distribution (RWKV in transformers 5.25,
+      whose batched generation mixes the rows' states: 0.06 nats off over 3 greedy tokens, 1.4 over 6 sampled):
+      refused with one line (ValueError)."""
+    causal_lm = unwrap_causal_lm(model)
+    if causal_lm.__dict__.get(_PROVING_GENERATION):  # the proof's own runs
+        return True
+    config = build_generation_config(
+        do_sample=False, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=3,
+        pad_token_id=generation_config.pad_token_id if generation_config.pad_token_id is not None else 0,
+        eos_token_id=generation_config.eos_token_id,
+    )  # fmt: skip
+    long, short = check_token_ids(causal_lm, [6, 2])
+
+    def error_of(prompts):  # 2 rows per prompt, as sampling runs (RWKV's state mixes the rows of a batch)
+        samples = generate_completions(
+            model, prompts, config, num_samples=2, share_prompt_prefill=False, synced_gpus=synced_gpus
+        )
+        return max(
+            abs(recorded - sequence_logprobs(model, [prompts[i]], [completion], share_prompts=False).item())
+            for i, completion, recorded in zip(samples.prompt_index, samples.completion_ids, samples.logprobs)
+        )
+
+    def check():
+        causal_lm.__dict__[_PROVING_GENERATION] = True
+        tolerance = check_tolerance(causal_lm) * config.max_new_tokens
+        try:
+            if error_of([long, short]) <= tolerance:
+                return "padded"
+            error = error_of([short])
+            return "unpadded" if error <= tolerance else f"{error:.3g}"
+        finally:
+            causal_lm.__dict__.pop(_PROVING_GENERATION, None)
+
+    verdict = once_per_model(causal_lm, "generation", check)
+    if verdict not in ("padded", "unpadded"):
+        raise ValueError(
+            f"{type(causal_lm).__name__}: transformers' generate does not sample from this model's own distribution "
+            f"(log-probs of its greedy tokens differ from the model's forward by {verdict} nats), so samples would not "
+            "come from pi. This architecture is not supported for sampling (scoring is)."
+        )
+    return verdict == "padded"
+
+
+def _generation_batches(prompt_lengths: Sequence[int], batch_size: int, padding_ok: bool) -> list[list[int]]:
+    """Row positions per `generate` call: consecutive runs of `batch_size`, or, where left padding is not invisible
+    to the model (`_generation_padding`), runs of rows whose prompts have one length."""
+    positions = list(range(len(prompt_lengths)))
+    groups = [positions]
+    if not padding_ok:
+        by_length: dict[int, list[int]] = {}
+        for position, length in zip(positions, prompt_lengths):
+            by_length.setdefault(length, []).append(position)
+        groups = list(by_length.values())
+    return [group[start : start + batch_size] for group in groups for start in range(0, len(group), batch_size)]
+
+
 def _prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_rows: Sequence[int]):
     """The KV cache of every prompt but its last token, computed once per distinct prompt and repeated for its
     samples.
@@ -412,12 +481,26 @@ def generate_completions(
         generation_config.stop_strings = None
     rows = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]
     device = next(unwrap_causal_lm(model).parameters()).device
+    padding_ok = _generation_padding(model, generation_config, synced_gpus)  # (refuses a model generate gets wrong)
     share_prompt_prefill = (
         share_prompt_prefill and num_samples > 1 and _can_share_prompt_prefill(model, generation_config, synced_gpus)
     )
-    out = Completions(prompt_index=rows, completion_ids=[], logprobs=[] if record_logprobs else None, truncated=[])
-    for start in range(0, len(rows), batch_size):
-        batch_rows = rows[start : start + batch_size]
+    lengths_of_rows = [len(prompt_ids[i]) for i in rows]
+    if not padding_ok and synced_gpus and len(set(lengths_of_rows)) > 1:
+        raise ValueError(
+            f"{type(unwrap_causal_lm(model)).__name__} reads left padding as text (it ignores the attention mask), "
+            "so prompts of different lengths are generated in separate batches, which step-synchronised generation "
+            "across processes (ZeRO-3) cannot do. Use prompts of one length, or train without ZeRO-3."
+        )
+    n = len(rows)
+    out = Completions(
+        prompt_index=rows,
+        completion_ids=[None] * n,
+        logprobs=[None] * n if record_logprobs else None,
+        truncated=[None] * n,
+    )
+    for batch in _generation_batches(lengths_of_rows, batch_size, padding_ok):
+        batch_rows = [rows[position] for position in batch]
         input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch_rows], pad_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         # Before the recorder's hook is registered: the prefill's logits are not a sampling step
@@ -460,10 +543,11 @@ def generate_completions(
                 seq_logprobs = sequence_logprobs(model, input_ids, completion_ids, attention_mask, completion_mask)
             else:
                 seq_logprobs = (per_token * completion_mask.to(per_token.device)).sum(dim=1)
-            out.logprobs.extend(seq_logprobs.tolist())
+            for position, value in zip(batch, seq_logprobs.tolist()):
+                out.logprobs[position] = value
         lengths = completion_mask.sum(dim=1).tolist()
-        out.completion_ids.extend(row[:n] for row, n in zip(completion_ids.tolist(), lengths))
-        out.truncated.extend(truncated.tolist())
+        for position, row, length, cut in zip(batch, completion_ids.tolist(), lengths, truncated.tolist()):
+            out.completion_ids[position], out.truncated[position] = row[:length], cut
         if progress is not None:
             progress.update(len(batch_rows))
     return out
