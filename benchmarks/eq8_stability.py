@@ -43,7 +43,12 @@ from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts  # noqa: E402
 
 
 BASES = {"toy": TOY_MODEL_PATH, "poor_coverage": str(REPO / "trl_sharpen" / "toy" / "base_model_poor_coverage")}
-VARIANTS = {"squared": [], "huber1": ["--sharpen_huber_delta", "1.0"], "huber4": ["--sharpen_huber_delta", "4.0"]}
+VARIANTS = {
+    "squared": [],
+    "huber1": ["--sharpen_huber_delta", "1.0"],
+    "huber4": ["--sharpen_huber_delta", "4.0"],
+    "sigmoid": ["--loss_type", "sigmoid"],  # a control: TRL's DPO loss in the same setting (no residual logged)
+}
 SETTING = ["--loss_type", "sharpen", "--beta", "0.5", "--learning_rate", "5e-4", "--num_generations", "2",
            "--max_steps", "150", "--sample_from", "policy", "--logging_strategy", "steps", "--logging_steps", "10"]  # fmt: skip
 
@@ -64,6 +69,7 @@ def run(base: str, variant: str, seed: int, workdir: str, learning_rate: str = "
     accuracy = evaluate_greedy(policy, tokenizer, test["prompt"], test["answer"], max_new_tokens=48).accuracy
     residuals = [e["self_reward/sharpen_residual_sq"] for e in trainer.state.log_history
                  if "self_reward/sharpen_residual_sq" in e]  # fmt: skip
+    residuals = residuals or [float("nan")]  # sigmoid: no Eq. 8 residual
     return {"variant": variant, "seed": seed, "accuracy": accuracy, "first": residuals[0], "max": max(residuals),
             "last": residuals[-1], "seconds": seconds}  # fmt: skip
 
