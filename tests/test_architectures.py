@@ -13,7 +13,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import trl_sharpen.logprobs as logprobs
-from trl_sharpen.generation import _can_share_prompt_prefill, build_generation_config, generate_completions, left_pad
+from trl_sharpen.generation import (
+    _can_share_prompt_prefill,
+    _generation_padding,
+    build_generation_config,
+    generate_completions,
+    left_pad,
+)
 from trl_sharpen.logprobs import sequence_logprobs, shared_scoring_is_exact, verified_logit_transform
 
 
@@ -63,9 +69,114 @@ ARCHITECTURES = {
         ),  # fmt: skip
         False,
     ),
+    # Issue 18's held-out classes, probed: post-head scaling (Cohere's logit_scale, Granite's logits_scaling divides,
+    # Falcon-H1's lm_head_multiplier and muP multipliers), hybrid caches (Jamba, Falcon-H1, Granite-4-H), MoE, MLA
+    "qwen3": (dict(ATTENTION, head_dim=8), True),
+    "qwen3_moe": (dict(ATTENTION, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16), True),
+    "olmo2": (ATTENTION, True),
+    "cohere": (dict(ATTENTION, logit_scale=0.25), True),
+    "cohere2": (dict(ATTENTION, logit_scale=0.25, sliding_window=4), True),
+    "granite": (
+        dict(
+            ATTENTION, logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3
+        ),
+        True,
+    ),
+    "starcoder2": (dict(ATTENTION, sliding_window=4), True),
+    "falcon": (dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4), True),
+    "bloom": (dict(vocab_size=97, hidden_size=32, n_layer=2, n_head=4), True),  # ALiBi
+    "opt": (dict(ATTENTION, ffn_dim=64, word_embed_proj_dim=32), True),
+    "phi3": (ATTENTION, True),
+    "stablelm": (ATTENTION, True),
+    "gptj": (dict(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4), True),
+    "codegen": (dict(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_ctx=64, rotary_dim=4), True),
+    "gemma": (dict(ATTENTION, head_dim=8), True),
+    "gpt_bigcode": (dict(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64), True),
+    "mixtral": (dict(ATTENTION, num_local_experts=4, num_experts_per_tok=2), True),
+    "deepseek_v3": (
+        dict(
+            ATTENTION,
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            kv_lora_rank=8,
+            q_lora_rank=8,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        ),  # fmt: skip
+        True,
+    ),
+    "glm4": (dict(ATTENTION, head_dim=8), True),
+    "smollm3": (ATTENTION, True),
+    "ernie4_5": (dict(ATTENTION, head_dim=8), True),
+    "exaone4": (dict(ATTENTION, sliding_window=4), True),
+    "jamba": (
+        dict(
+            ATTENTION,
+            num_experts=2,
+            num_experts_per_tok=1,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            mamba_d_state=4,
+            mamba_expand=2,
+            mamba_dt_rank=4,
+        ),  # fmt: skip
+        False,
+    ),
+    "falcon_h1": (
+        dict(
+            ATTENTION,
+            head_dim=8,
+            mamba_d_ssm=32,
+            mamba_n_heads=4,
+            mamba_d_head=8,
+            mamba_n_groups=1,
+            mamba_d_state=4,
+            mamba_chunk_size=8,
+            lm_head_multiplier=0.5,
+            embedding_multiplier=2.0,
+            mlp_multipliers=[0.5, 2.0],
+            attention_out_multiplier=0.5,
+            key_multiplier=0.7,
+            ssm_multipliers=[1.5, 0.5, 2.0, 0.7, 1.2],
+            ssm_out_multiplier=0.6,
+            ssm_in_multiplier=0.9,
+        ),  # fmt: skip
+        False,
+    ),
+    "granitemoehybrid": (
+        dict(
+            ATTENTION,
+            logits_scaling=4.0,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            shared_intermediate_size=16,
+            layer_types=["mamba", "attention"],
+            mamba_d_state=4,
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_n_groups=1,
+            mamba_chunk_size=8,
+        ),  # fmt: skip
+        False,
+    ),
+    # RWKV's batched generate in transformers 5.25 mixes the rows' states (alone, a row is exact): sampling refused
+    "rwkv": (
+        dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=64),
+        False,
+    ),
 }
 # model_type: the one line it is refused with (none today: every architecture above is exact)
 REFUSED: dict[str, str] = {}
+# model_type: the one line its sampling is refused with (its scoring is exact)
+GENERATION_REFUSED = {"rwkv": "RwkvForCausalLM: transformers' generate does not sample from this model's own"}
 
 PROMPTS = [[5, 9, 14, 20, 33, 41], [7, 40]]  # different lengths: the short one is left-padded in a batch
 ROWS = [0, 0, 1, 1]
@@ -115,8 +226,13 @@ def test_generation_and_scoring_match_the_models_own(model_type):
         got = sequence_logprobs(model, prompts, COMPLETIONS, share_prompts=share)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0, msg=f"{model_type} scoring, share={share}")
     # Generation: the seeded samples are `generate`'s own on the same left-padded batch, and the log-probs recorded
-    # while sampling are the model's own
+    # while sampling are the model's own (where generate is not, sampling is refused in one line)
     config = sampling()
+    if model_type in GENERATION_REFUSED:
+        with pytest.raises(ValueError, match=GENERATION_REFUSED[model_type]):
+            generate_completions(model, PROMPTS, config, num_samples=3)
+        return
+    assert _generation_padding(model, config, None)  # padding is invisible: prompts of any lengths share a batch
     input_ids, attention_mask = left_pad([PROMPTS[i] for i in (0, 0, 0, 1, 1, 1)], PAD)
     torch.manual_seed(0)
     own = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
@@ -217,3 +333,27 @@ def test_dpos_policy_log_probs_are_exact_where_trls_fused_head_misses_a_transfor
     with torch.no_grad():
         got = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
     torch.testing.assert_close(got, own, atol=1e-4, rtol=0)
+
+
+def test_a_model_that_reads_left_padding_is_sampled_without_padding(monkeypatch):
+    """A model that ignores the attention mask reads left padding as text, so its samples would not be from
+    pi(.|x). Generation proves padding invisible once per model; where it is not, only prompts of one length share a
+    `generate` call, and sampling stays exact (here the mask is dropped, as such a model drops it)."""
+    import trl_sharpen.generation as generation
+
+    real_left_pad = generation.left_pad
+
+    def left_pad_read_as_text(rows, pad_token_id):
+        ids, _ = real_left_pad(rows, pad_token_id)
+        return ids, torch.ones_like(ids)
+
+    monkeypatch.setattr(generation, "left_pad", left_pad_read_as_text)
+    model = tiny_model("llama")
+    config = sampling()
+    assert not _generation_padding(model, config, None)
+    samples = generate_completions(model, PROMPTS, config, num_samples=3)
+    assert samples.prompt_index == [0, 0, 0, 1, 1, 1]  # prompt-major order kept across the length groups
+    rescored = own_logprobs(model, [PROMPTS[i] for i in samples.prompt_index], samples.completion_ids)
+    torch.testing.assert_close(torch.tensor(samples.logprobs), rescored, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="reads left padding as text"):
+        generate_completions(model, PROMPTS, config, num_samples=3, synced_gpus=True)
