@@ -95,3 +95,146 @@ def test_a_trainer_called_from_python_takes_the_output_folder_lock(tmp_path, hol
     with pytest.raises(ValueError, match=r"is in use by another run \(pid " + str(first.pid)):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+# Data files: named bad lines, the same rows whatever the line endings ---------------------------------------------------
+
+TOY_ROWS = [{"prompt": "Q : 1 + 2 = ?", "answer": "3"}, {"prompt": "Q : 2 + 2 = ?", "answer": "4"}]
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_a_prompts_file_that_is_not_json_lines_is_named_with_its_line(tmp_path):
+    from trl_sharpen.data import load_prompts
+
+    good = json.dumps(TOY_ROWS[0]) + "\n"
+    cases = {
+        "text.jsonl": (b"hello world\n", "text.jsonl, line 1: not valid JSON (Expecting value, column 1)"),
+        "list.jsonl": ((good + "\n[1, 2]\n").encode(), "list.jsonl, line 3: a JSON list, not an object"),
+        "latin1.jsonl": (b'{"prompt": "caf\xe9"}\n', "latin1.jsonl, line 1: not UTF-8 text (byte 0xe9"),
+    }
+    for name, (data, message) in cases.items():
+        with pytest.raises(ValueError, match="^" + str(tmp_path / message).replace("(", r"\(").replace(")", r"\)")):
+            load_prompts(write(tmp_path / name, data))
+
+
+def test_a_folder_mixing_data_formats_is_refused(tmp_path):
+    from trl_sharpen.data import load_prompts
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write(folder / "a.jsonl", (json.dumps(TOY_ROWS[0]) + "\n").encode())
+    write(folder / "b.csv", b"prompt,answer\nQ : 2 + 2 = ?,4\n")  # was: silently dropped, one row read
+    with pytest.raises(ValueError, match=r"holds \.csv and \.jsonl files: `datasets` would read only one kind"):
+        load_prompts(str(folder))
+
+
+@pytest.mark.parametrize("variant", ["bom", "crlf", "blank_lines"])
+def test_bom_crlf_and_blank_lines_read_the_same_prompts(tmp_path, variant):
+    from trl_sharpen.data import load_prompts
+    from trl_sharpen.samples_file import load_samples_file
+
+    body = "".join(json.dumps({**r, "completions": [" 3", " 4"]}) + "\n" for r in TOY_ROWS)
+    data = {"bom": "\ufeff" + body, "crlf": body.replace("\n", "\r\n"), "blank_lines": body.replace("\n", "\n\n")}
+    path = write(tmp_path / "p.jsonl", data[variant].encode())
+    assert load_prompts(path)["prompt"] == [r["prompt"] for r in TOY_ROWS]
+    assert [row["prompt"] for row in load_samples_file(path).rows] == [
+        r["prompt"] for r in TOY_ROWS
+    ]  # a BOM was refused here
+
+
+def test_samples_file_that_is_a_folder_missing_or_has_an_empty_prompt(tmp_path):
+    from trl_sharpen.samples_file import load_samples_file
+
+    with pytest.raises(FileNotFoundError, match=f"^--samples_file {tmp_path} is a folder: pass the JSON-lines file"):
+        load_samples_file(tmp_path)
+    with pytest.raises(FileNotFoundError, match="none.jsonl does not exist"):
+        load_samples_file(tmp_path / "none.jsonl")
+    path = write(tmp_path / "s.jsonl", (json.dumps({"prompt": "  ", "completions": [" 1"]}) + "\n").encode())
+    with pytest.raises(ValueError, match=r"s\.jsonl, line 1: `prompt` is empty \(or only whitespace\)"):
+        load_samples_file(path)  # was: "Prompt 0 is empty" from the scorer, no file, 0-based
+
+
+# YAML values of the wrong type, training counts ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "yaml, message",
+    [
+        ("dataset_name: 5\n", "dataset_name must be text, got 5 (int): quote it in the YAML file"),
+        ("output_dir: null\n", "output_dir is null (None), but it needs a value"),
+        ("self_rewards: logprob\n", "self_rewards must be a list, got the string 'logprob', which would be read one"),
+        ("output_dir: 7\n", "output_dir must be text, got 7 (int)"),
+        ("num_samples: [1,\n", "the --config file is not valid YAML: while parsing"),
+    ],
+)
+def test_yaml_values_of_the_wrong_type_get_one_line(tmp_path, capsys, yaml, message):
+    from trl_sharpen.toy import TOY_MODEL_PATH
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml)
+    command = "bon" if "output_dir" in yaml else "eval"  # bon needs an output_dir; self_rewards is eval's
+    argv = [command, "--model_name_or_path", TOY_MODEL_PATH, "--config", str(config)]
+    if "output_dir" not in yaml:
+        argv = [*argv, "--output_dir", str(tmp_path / "out")]
+    if "dataset_name" not in yaml:
+        argv = [*argv, "--dataset_name", "x.jsonl"]  # never read: the check runs first
+    code, line = run_cli(argv, capsys)
+    assert code == 1 and line.startswith(f"trl-sharpen: error: {message}"), line
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be >= 1, got 0"),  # ZeroDivisionError
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1, got 0"),
+        ({"num_train_epochs": -1}, "num_train_epochs must be > 0 when max_steps is unset, got -1"),  # exit 0, 0 steps
+    ],
+)
+def test_training_counts_that_train_nothing_or_crash_are_refused(tmp_path, settings, message):
+    from trl_sharpen import BoNSFTConfig, SelfRewardDPOConfig
+
+    for config_class in (SelfRewardDPOConfig, BoNSFTConfig):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            config_class(output_dir=str(tmp_path), use_cpu=True, **settings)
+    SelfRewardDPOConfig(output_dir=str(tmp_path), use_cpu=True, num_train_epochs=0, max_steps=3)  # max_steps rules
+
+
+# Another model's files ---------------------------------------------------------------------------------------------------
+
+
+def tiny_llama(path, vocab_size, hidden_size=32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def test_eval_refuses_a_base_model_of_another_vocabulary(tmp_path, capsys):
+    base = tiny_llama(tmp_path / "other", vocab_size=30)
+    code, line = run_cli([*EVAL, "--base_model_name_or_path", base], capsys)  # was: IndexError
+    assert code == 1
+    assert line.startswith(f"trl-sharpen: error: --base_model_name_or_path {base} has 30 token embeddings, fewer ")
+
+
+def test_resuming_a_checkpoint_of_another_model_is_refused_by_name(tmp_path, toy_model):
+    from trl_sharpen.checkpoints import check_same_model
+
+    checkpoint = tmp_path / "checkpoint-1"
+    tiny_llama(checkpoint, vocab_size=toy_model.config.vocab_size, hidden_size=32)
+    with pytest.raises(ValueError, match=rf"^Checkpoint {checkpoint} is of another model \(hidden_size 32 there, 64 "):
+        check_same_model(checkpoint, toy_model)  # was: load_state_dict's size-mismatch RuntimeError
+    toy_model.save_pretrained(tmp_path / "same")
+    check_same_model(tmp_path / "same", toy_model)

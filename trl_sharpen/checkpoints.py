@@ -112,6 +112,36 @@ def _zip_ok(path: Path) -> bool:  # torch.save writes a zip archive: a truncated
         return False
 
 
+_SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+)
+
+
+def check_same_model(folder: Path, model) -> None:
+    """A checkpoint written by a run of another model (its config.json disagrees on the shape) is refused by name:
+    loading it fails deep in `load_state_dict` with a size-mismatch RuntimeError."""
+    config = getattr(getattr(model, "base_model", model), "config", None)
+    config = getattr(model, "config", config)
+    if config is None or not (folder / "config.json").is_file():
+        return
+    saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    differ = [
+        f"{key} {saved[key]!r} there, {getattr(config, key)!r} here"
+        for key in _SHAPE_KEYS
+        if key in saved and hasattr(config, key) and saved[key] != getattr(config, key)
+    ]
+    if differ:
+        raise ValueError(
+            f"Checkpoint {folder} is of another model ({'; '.join(differ[:3])}): resume it with the model it was "
+            "trained from (--model_name_or_path), or start again without resume_from_checkpoint."
+        )
+
+
 def check_resume_checkpoint(trainer, resume_from_checkpoint) -> str | None:
     """Refuse to resume from a checkpoint that lacks, or holds a damaged copy of, a file the resumed run needs;
     return the checkpoint folder (None when not resuming)."""
@@ -149,6 +179,7 @@ def check_resume_checkpoint(trainer, resume_from_checkpoint) -> str | None:
             "Resume from an earlier complete checkpoint, or start again without resume_from_checkpoint."
         )
     check_model_files(path)
+    check_same_model(path, getattr(trainer, "model", None))
     for name in needed:
         if name.endswith((".pt", ".pth")) and not _zip_ok(path / name):
             raise ValueError(

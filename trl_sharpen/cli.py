@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Light imports only (standard library underneath): `trl-sharpen --help` must not load torch
-from .errors import check_lora_options, check_model_path, check_output_dir, clear_errors
+from .errors import check_lora_options, check_model_path, check_output_dir, check_text_fields, clear_errors
 from .output_dir import OutputFiles, output_dir_lock
 from .real_models import ConvertArguments, resolve_model_name_or_path, run_convert
 from .sampling_arguments import BestOfNSamplingArguments, SamplingArguments, check_int, field_like
@@ -219,6 +219,26 @@ def load_tokenizer(model, path: str, model_args, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(path, revision=model_args.model_revision, trust_remote_code=trust_remote_code)
 
 
+def check_same_tokenizer(base_model, base_path: str, tokenizer, model_args, trust_remote_code: bool) -> None:
+    """pi_base scores the evaluated model's token ids: a base with another vocabulary would crash on an id it lacks
+    (IndexError) or, worse, score other tokens and report a wrong log-likelihood without a word."""
+    rows = base_model.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise ValueError(
+            f"--base_model_name_or_path {base_path} has {rows} token embeddings, fewer than the {len(tokenizer)} "
+            "tokens of the evaluated model's tokenizer: it is another model family. Pass the base of the evaluated "
+            "model (same tokenizer)."
+        )
+    if (Path(base_path) / "tokenizer_config.json").is_file() or (Path(base_path) / "tokenizer.json").is_file():
+        base_tokenizer = load_tokenizer(base_model, base_path, model_args, trust_remote_code)
+        if base_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(
+                f"--base_model_name_or_path {base_path} has another tokenizer than the evaluated model (their "
+                "vocabularies differ): its log-likelihoods of the model's token ids would be of other text. Pass the "
+                "base of the evaluated model (same tokenizer)."
+            )
+
+
 # Sub-commands ---------------------------------------------------------------------------------------------------------
 
 
@@ -320,6 +340,8 @@ def run_eval(args: EvalArguments, model_args):
     else:
         base_model = model if is_adapter else None  # an adapter's base: the same weights with adapters disabled
     tokenizer = load_tokenizer(model, path, model_args, args.trust_remote_code)
+    if base_path is not None:
+        check_same_tokenizer(base_model, base_path, tokenizer, model_args, args.trust_remote_code)
     report = evaluate_sharpening(
         model,
         tokenizer,
@@ -396,6 +418,7 @@ def _main(argv: list[str]) -> None:
     if argv[0] in MODEL_COMMANDS:
         parser.set_defaults(dtype="auto")  # the checkpoint's own dtype (TRL's scripts default to float32)
     parsed = parser.parse_args_and_config(argv[1:])
+    check_text_fields(*parsed)  # a YAML `dataset_name: 5`, `output_dir: null`, `stop_strings: "\n"`: refused here
     output_dir = getattr(parsed[0], "output_dir", None) if argv[0] in LOCKED_COMMANDS else None
     check_output_dir(output_dir)  # before the lock creates the folder: not '', '.', home, /, a file, unwritable
     with output_dir_lock(output_dir):  # a second run on the same folder is refused, naming the first

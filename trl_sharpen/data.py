@@ -120,6 +120,91 @@ def check_dataset_path(path_or_name: str) -> None:
         )
 
 
+def read_data_files(path_or_name: str, *args, **kwargs):
+    """`load_dataset(path_or_name, ...)` for local data: a file that `datasets` cannot parse is named with its first
+    bad line (JSON lines) or the parser's reason, instead of "An error occurred while generating the dataset"; a folder
+    mixing data formats is refused (`datasets` would read only the most common one and drop the rest silently)."""
+    from datasets.exceptions import DatasetGenerationError
+
+    folder = Path(path_or_name).expanduser()
+    if folder.is_dir() and not is_saved_dataset(folder):
+        kinds = sorted({p.suffix for p in folder.iterdir() if p.is_file() and p.suffix in FILE_SUFFIXES})
+        if len({".json" if k == ".jsonl" else k for k in kinds}) > 1:
+            raise ValueError(
+                f"The dataset folder {path_or_name} holds {' and '.join(kinds)} files: `datasets` would read only one "
+                "kind and silently drop the others. Keep one format in the folder, or pass one file."
+            )
+    try:
+        return load_dataset(path_or_name, *args, **kwargs)
+    except (DatasetGenerationError, UnicodeDecodeError) as error:
+        files = kwargs.get("data_files")
+        candidates = (
+            [Path(files)] if isinstance(files, str) else sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+        )
+        for candidate in candidates:
+            if candidate.suffix == ".jsonl":
+                check_jsonl_lines(candidate)
+        cause = error if isinstance(error, UnicodeDecodeError) else error.__cause__ or error.__context__
+        where = files or path_or_name
+        raise ValueError(
+            f"Cannot read the dataset {where}: {type(cause).__name__ if cause else 'error'}: {cause or error}. Check "
+            "that the file is of the format its suffix says (.jsonl: one JSON object per line; .csv: a header row)."
+        ) from None
+
+
+def check_utf8(path: str | os.PathLike) -> None:
+    """A text data file must be UTF-8: Arrow stores invalid bytes unchecked and fails (or not) only when the prompt is
+    read. Decoded in blocks (cheap next to parsing); the first bad byte is named with its 1-based line."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as error:
+                position = offset + error.start
+                handle.seek(0)
+                line = handle.read(position).count(b"\n") + 1
+                raise ValueError(
+                    f"{path}, line {line}: not UTF-8 text (byte 0x{block[error.start]:02x}, {error.reason}): save the "
+                    "file as UTF-8."
+                ) from None
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text (it ends inside a character): save the file as UTF-8.") from None
+
+
+def check_jsonl_lines(path: str | os.PathLike) -> None:
+    """Name the first line of a JSON-lines file that is not one JSON object (1-based; blank lines and a BOM are fine)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except ValueError as error:
+                    raise ValueError(
+                        f"{path}, line {number}: not valid JSON ({getattr(error, 'msg', error)}, column "
+                        f"{getattr(error, 'colno', '?')}): each line of a .jsonl file must be one JSON object, e.g. "
+                        '{"prompt": "..."}.'
+                    ) from None
+                if not isinstance(value, dict):
+                    raise ValueError(
+                        f"{path}, line {number}: a JSON {type(value).__name__}, not an object: each line of a .jsonl "
+                        'file must be one JSON object, e.g. {"prompt": "..."}.'
+                    )
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}): save it as UTF-8."
+        ) from None
+
+
 def load_prompts(
     path_or_name: str, split: str = "train", prompt_column: str = "prompt", config: str | None = None
 ) -> Dataset:
@@ -135,13 +220,15 @@ def load_prompts(
         )
         if builder is None:
             raise ValueError(f"Cannot read prompts from {path}: use .jsonl, .json, .csv, .parquet or .txt.")
+        if builder in ("json", "csv", "text"):
+            check_utf8(path)
         # Read the file itself: `datasets` caches it under a key of path and modification time, so an edit that
         # keeps the mtime (a copy with `cp -p`, a sync tool) would otherwise return the old prompts
-        dataset = load_dataset(builder, data_files=str(path), split="train", download_mode="force_redownload")
+        dataset = read_data_files(builder, data_files=str(path), split="train", download_mode="force_redownload")
         if builder == "text":
             dataset = dataset.rename_column("text", prompt_column)
     else:
-        dataset = load_dataset(path_or_name, name=config)
+        dataset = read_data_files(path_or_name, name=config)
     if isinstance(dataset, DatasetDict):
         if split not in dataset:
             raise ValueError(f"{path_or_name} has no split {split!r}; its splits are {list(dataset)}.")

@@ -28,7 +28,7 @@ import sys
 import torch
 from accelerate import PartialState
 
-from .errors import check_lora_options
+from .errors import check_lora_options, check_text_fields
 from .fingerprints import trainable_weights_digest
 
 
@@ -117,6 +117,7 @@ def parse_args_and_config(parser, args=None):
     training config is created (creating it claims a device), `check_training_args` and `check_model_args` after."""
     check_launch()
     parsed = parser.parse_args_and_config(args)
+    check_text_fields(*parsed)  # YAML values of the wrong type that argparse never sees
     for value in parsed:
         if hasattr(value, "use_cpu") and hasattr(value, "output_dir"):  # the TrainingArguments
             check_training_args(value)

@@ -41,11 +41,14 @@ def clear_errors(prog: str = "trl-sharpen", argv: list[str] | None = None):
     debug = debug_requested(argv)
     try:
         yield
-    except USER_ERRORS as error:
-        if debug:
+    except Exception as error:
+        yaml_error = type(error).__module__.startswith("yaml")  # a --config file that is not valid YAML
+        if debug or not (isinstance(error, USER_ERRORS) or yaml_error):
             raise
-        message = str(error).strip() or type(error).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        message = " ".join(str(error).split()) if yaml_error else str(error).strip()
+        if yaml_error:
+            message = f"the --config file is not valid YAML: {message}. Fix that line (YAML: `key: value` per line)."
+        print(f"{prog}: error: {message or type(error).__name__}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
@@ -133,3 +136,57 @@ def check_resume_from_checkpoint(value) -> None:
             f"resume_from_checkpoint {value} does not exist or is not a folder: pass a checkpoint folder "
             "(<output_dir>/checkpoint-<step>), or true to resume from the last checkpoint in output_dir."
         )
+
+
+def check_text_fields(*parsed) -> None:
+    """Text and list-of-text settings of parsed dataclasses hold what their type says. A YAML config bypasses
+    argparse for values that are not strings (`dataset_name: 5`, `output_dir: null` crashed later with a TypeError),
+    and a YAML string given to a list setting (`stop_strings: "\\n\\n"`, `self_rewards: logprob`) reached the code as
+    a string, read one character at a time. Only fields typed exactly `str`, `str | None`, `list[str]` or
+    `list[str] | None` are checked (TrainingArguments' union-typed fields are converted by transformers itself)."""
+    import typing
+
+    for value in parsed:
+        if not dataclasses.is_dataclass(value):
+            continue
+        try:
+            hints = typing.get_type_hints(type(value))
+        except Exception:  # noqa: BLE001 (a class whose annotations cannot be resolved here: nothing to check)
+            continue
+        # list fields declared by trl_sharpen's classes only: TRL's own may be turned into a string on purpose
+        # (ModelConfig makes a one-element `lora_target_modules` its string)
+        ours = {
+            name
+            for cls in type(value).__mro__
+            if cls.__module__.startswith("trl_sharpen")
+            for name in vars(cls).get("__annotations__", {})
+        }
+        for item in dataclasses.fields(value):
+            if not item.init or item.name.startswith("_") or item.name not in hints:
+                continue
+            hint, current = hints[item.name], getattr(value, item.name, None)
+            optional = hint in (str | None, list[str] | None)  # typing.Optional[str] compares equal to these
+            kind = "text" if hint in (str, str | None) else None
+            if hint in (list[str], list[str] | None) and item.name in ours:
+                kind = "list"
+            if kind is None:
+                continue
+            if current is None:
+                if not optional:
+                    raise ValueError(f"{item.name} is null (None), but it needs a value: set it, or remove the line.")
+            elif kind == "text" and not isinstance(current, str):
+                raise ValueError(
+                    f"{item.name} must be text, got {current!r} ({type(current).__name__}): quote it in the YAML "
+                    f"file, e.g. {item.name}: '{current}'."
+                )
+            elif kind == "list" and isinstance(current, str):
+                raise ValueError(
+                    f"{item.name} must be a list, got the string {current!r}, which would be read one character at a "
+                    f"time: write it as a list in the YAML file, e.g. {item.name}: [{json_repr(current)}]."
+                )
+
+
+def json_repr(text: str) -> str:
+    import json
+
+    return json.dumps(text)

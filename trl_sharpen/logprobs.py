@@ -339,7 +339,9 @@ def sequence_logprobs(
     starts_with_completion = is_completion[:, 0].bool() if input_ids.size(1) else torch.zeros(0, dtype=torch.bool)
     if starts_with_completion.any():
         row = int(starts_with_completion.nonzero()[0, 0])
-        raise ValueError(f"Prompt {row} is empty: the first completion token needs at least one prompt token.")
+        raise ValueError(
+            f"Prompt {row + 1} (counting from 1) is empty: the first completion token needs at least one prompt token."
+        )
 
     # Gradient checkpointing in training mode can make transformers drop the KV cache (use_cache=False; recent versions
     # only with gradients enabled): no sharing then

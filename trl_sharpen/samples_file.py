@@ -86,8 +86,11 @@ class ImportedSamples:
 def load_samples_file(path: str | os.PathLike, prompt_column: str = "prompt") -> ImportedSamples:
     """The rows of a JSON-lines samples file, every row checked (one clear error naming the file and 1-based line)."""
     rows, numbers = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    if not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"--samples_file {path} {what}: pass the JSON-lines file of samples.")
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows exports) is not part of line 1
+        for number, line in _lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -107,6 +110,14 @@ def load_samples_file(path: str | os.PathLike, prompt_column: str = "prompt") ->
             f"{path} holds no samples: expected one JSON object per prompt (see trl_sharpen.imported_samples)."
         )
     return check_samples(ImportedSamples(rows, numbers, str(path)))
+
+
+def _lines(handle, path):
+    """(1-based number, line) of a text file, a file that is not UTF-8 named with the byte where it stops being so."""
+    try:
+        yield from enumerate(handle, start=1)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason}): save it as UTF-8.") from None
 
 
 def check_samples(samples: ImportedSamples) -> ImportedSamples:
@@ -139,6 +150,8 @@ def _normalized_row(row) -> dict:
     """A copy of the row with its samples checked and the log-probs in one shape (numbers)."""
     if not isinstance(row, dict) or "prompt" not in row:
         raise _RowProblem("each line must be a JSON object with a `prompt` (see trl_sharpen.imported_samples).")
+    if isinstance(row["prompt"], str) and not row["prompt"].strip():
+        raise _RowProblem("`prompt` is empty (or only whitespace): a completion needs a prompt to continue.")
     problem = prompt_problem(row["prompt"])
     if problem:
         raise _RowProblem(f"not a usable prompt: {problem}.")

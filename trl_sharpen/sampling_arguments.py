@@ -102,7 +102,14 @@ def check_finite_numbers(config) -> None:
             check_temperature(value)
         rule = INHERITED_RANGES.get(config_field.name)
         if rule is not None and _is_number(value) and not rule[1](value):
-            raise ValueError(f"{config_field.name} must be {rule[0]}, got {value!r}. {rule[2]}")
+            raise ValueError(f"{config_field.name} must be {rule[0]}, got {show_value(value)}. {rule[2]}")
+    # Without max_steps the epochs set the length: 0 or fewer trains nothing and saves the base model as the result
+    epochs, max_steps = getattr(config, "num_train_epochs", None), getattr(config, "max_steps", None)
+    if _is_number(epochs) and _is_number(max_steps) and epochs <= 0 and max_steps <= 0:
+        raise ValueError(
+            f"num_train_epochs must be > 0 when max_steps is unset, got {show_value(epochs)}: the run would train "
+            "nothing and save the base model as its result. Set num_train_epochs > 0, or max_steps."
+        )
 
 
 # Ranges of float settings that configs inherit from TrainingArguments / TRL, which do not check them (a negative
@@ -116,6 +123,10 @@ INHERITED_RANGES = {
     "adam_epsilon": ("> 0", lambda v: v > 0, "AdamW's default is 1e-8."),
     "label_smoothing_factor": ("in [0, 1)", lambda v: 0 <= v < 1, "Use 0 for none."),
     "ref_model_mixup_alpha": ("in [0, 1]", lambda v: 0 <= v <= 1, "1 copies the policy into the reference."),
+    # integer counts TrainingArguments takes unchecked (0 crashed with a ZeroDivisionError or torch's batch_size error)
+    "gradient_accumulation_steps": (">= 1", lambda v: v >= 1, "Use 1 for no accumulation."),
+    "per_device_train_batch_size": (">= 1", lambda v: v >= 1, "Set the prompts per device and step, e.g. 8."),
+    "per_device_eval_batch_size": (">= 1", lambda v: v >= 1, "Set it, e.g. 8."),
 }
 
 

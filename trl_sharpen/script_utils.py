@@ -15,14 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import transformers
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict
 from transformers import AutoTokenizer
 from trl import ScriptArguments
 
 from .answers import answers_match, get_answer_extractor
 from .callbacks import GreedyReportCallback
 from .checkpoints import check_resume_checkpoint, resolve_resume_value
-from .data import as_prompt_dataset, check_dataset_path, ensure_pad_token, is_saved_dataset, load_prompts
+from .data import (
+    as_prompt_dataset,
+    check_dataset_path,
+    ensure_pad_token,
+    is_saved_dataset,
+    load_prompts,
+    read_data_files,
+)
 from .distributed import print_rank_summary
 from .errors import check_model_path, check_output_dir
 from .output_dir import acquire_output_dir
@@ -125,7 +132,7 @@ def load_prompt_datasets(script_args: SharpenScriptArguments) -> DatasetDict:
         dataset = DatasetDict({script_args.dataset_train_split: prompts})
     else:
         check_dataset_path(script_args.dataset_name)  # a missing or empty local file: say so, do not ask the Hub
-        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+        dataset = read_data_files(script_args.dataset_name, name=script_args.dataset_config)
     if script_args.num_train_prompts is not None:
         train = dataset[script_args.dataset_train_split]
         dataset[script_args.dataset_train_split] = train.select(range(min(len(train), script_args.num_train_prompts)))
