@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from trl_sharpen import SelfRewardDPOConfig, SelfRewardDPOTrainer
 from trl_sharpen.callbacks import GreedyReportCallback
-from trl_sharpen.logprobs import unwrap_causal_lm
+from trl_sharpen.logprobs import running_a_check, unwrap_causal_lm
 from trl_sharpen.toy import TOY_MODEL_PATH, load_toy_prompts
 
 from .launching import launch_toy_recipe, parse_recipe_yaml, recipe_yamls, yaml_values_not_applied
@@ -39,7 +39,8 @@ def count_scoring_forwards(*models):
     """Count pi_base scoring passes of `models` while inside: each `sequence_logprobs` call of the trainer on them
     (recorded as its number of completions, however it batches them: repeated prompts are scored from one prompt
     pass and its KV cache), and any other backbone call without a KV cache (such as a reference forward of DPO's own;
-    generation always runs with a cache). Everything is restored on exit."""
+    generation always runs with a cache). The once-per-model exactness checks (logprobs.once_per_model) are left
+    out: they run once per model, not per step. Everything is restored on exit."""
     import trl_sharpen.self_reward_dpo_trainer as trainer_module
 
     calls, scoring = [], []
@@ -47,7 +48,7 @@ def count_scoring_forwards(*models):
     real = trainer_module.sequence_logprobs
 
     def counted(model, prompt_ids, completion_ids, *args, **kwargs):
-        mine = id(backbone(unwrap_causal_lm(model))) in targets
+        mine = id(backbone(unwrap_causal_lm(model))) in targets and not running_a_check()
         if mine:
             calls.append(len(completion_ids))
         scoring.append(mine)
@@ -57,7 +58,7 @@ def count_scoring_forwards(*models):
             scoring.pop()
 
     def hook(module, args, kwargs):
-        if kwargs.get("use_cache") is False and not any(scoring):
+        if kwargs.get("use_cache") is False and not any(scoring) and not running_a_check():
             calls.append(kwargs["input_ids"].size(0))
 
     handles = [backbone(model).register_forward_pre_hook(hook, with_kwargs=True) for model in models]

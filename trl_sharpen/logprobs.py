@@ -104,18 +104,29 @@ def _parameter_dtype(module: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
+_checks_running = 0  # > 0 while a once-per-model check runs (its forwards are not the work being measured)
+
+
+def running_a_check() -> bool:
+    """Whether a once-per-model exactness check is running now: forward counters leave its passes out."""
+    return _checks_running > 0
+
+
 def once_per_model(causal_lm: torch.nn.Module, name: str, check):
     """`check()`'s verdict for `causal_lm`, computed at the first call and kept on the model (per dtype). The model
     runs in eval mode and without gradients meanwhile (dropout would make any comparison fail)."""
     checks = causal_lm.__dict__.setdefault(_CHECKS_ATTRIBUTE, {})
     key = (name, _parameter_dtype(causal_lm))
     if key not in checks:
+        global _checks_running
         was_training = causal_lm.training
         causal_lm.eval()
+        _checks_running += 1
         try:
             with torch.no_grad():
                 checks[key] = check()
         finally:
+            _checks_running -= 1
             causal_lm.train(was_training)
     return checks[key]
 
