@@ -238,3 +238,23 @@ def test_resuming_a_checkpoint_of_another_model_is_refused_by_name(tmp_path, toy
         check_same_model(checkpoint, toy_model)  # was: load_state_dict's size-mismatch RuntimeError
     toy_model.save_pretrained(tmp_path / "same")
     check_same_model(tmp_path / "same", toy_model)
+
+
+def test_a_recipe_never_replaces_the_users_model_card_or_config(tmp_path):
+    """The saved model's README.md (model card), config.json and training_args.bin replaced a user's same-named files
+    (exit 0, 'Model saved'): a folder of the user's is refused, and --overwrite_output_dir only writes beside it."""
+    from tests.test_output_dirs import recipe_args
+    from trl_sharpen.script_utils import RUN_FILE, claim_output_dir
+
+    mine = user_file(tmp_path / "out", "README.md")
+    with pytest.raises(ValueError, match=r"already holds files that a trl-sharpen recipe did not write \(README.md\)"):
+        claim_output_dir(*recipe_args(mine.parent))
+    with pytest.raises(ValueError, match="holds README.md, which a trl-sharpen recipe did not write: it is never"):
+        claim_output_dir(*recipe_args(mine.parent, overwrite_output_dir=True))
+    assert mine.read_text() == "the user's own file\n" and not (mine.parent / RUN_FILE).exists()
+
+    notes = user_file(tmp_path / "beside", "notes.txt")
+    claim_output_dir(*recipe_args(notes.parent, overwrite_output_dir=True))  # written beside the user's file
+    (notes.parent / "README.md").write_text("our model card")  # what the run's save_model writes
+    claim_output_dir(*recipe_args(notes.parent))  # a folder of this recipe's: no flag needed again
+    assert notes.read_text() == "the user's own file\n"

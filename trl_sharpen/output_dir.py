@@ -252,8 +252,10 @@ class OutputFiles:
         overwrite_hint: str = "--overwrite",
         legacy: Callable[[Path], set[str]] | None = None,
         planned: tuple[str, ...] = (),
+        who: str | None = None,
     ):
         self.folder, self.command, self.option = Path(folder), command, option
+        self.who = who or f"trl-sharpen {command}"
         manifest = _read_manifest(self.folder)
         self.ours = set(manifest.get(command, []))
         if legacy is not None and self.folder.is_dir():
@@ -267,7 +269,7 @@ class OutputFiles:
         ]
         self.previous_run = bool(self.ours)
         if foreign and not self.ours and not overwrite:
-            whose = "another trl-sharpen command" if set(foreign) <= others else f"trl-sharpen {command}"
+            whose = "another trl-sharpen command" if set(foreign) <= others else self.who
             raise ValueError(
                 f"{option} {self.folder} already holds files that {whose} did not write ({_listing(foreign)}): pass a "
                 f"new or empty folder, or {overwrite_hint} to write beside them (a file of yours is never replaced)."
@@ -283,7 +285,7 @@ class OutputFiles:
         clash = [n for n in names if n not in self.ours and os.path.lexists(self.folder / n)]
         if clash:
             raise ValueError(
-                f"{self.option} {self.folder} holds {_listing(clash)}, which trl-sharpen {self.command} did not write: "
+                f"{self.option} {self.folder} holds {_listing(clash)}, which {self.who} did not write: "
                 f"it is never replaced. Move it away, or pass another {self.option}."
             )
         if not record or (set(names) <= self.ours and (self.folder / MANIFEST).is_file()):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import fnmatch
 import functools
 import json
 import logging
@@ -32,7 +33,7 @@ from .data import (
 )
 from .distributed import print_rank_summary
 from .errors import check_model_path, check_output_dir
-from .output_dir import acquire_output_dir
+from .output_dir import OutputFiles, acquire_output_dir
 from .real_models import resolve_model_name_or_path
 from .sampling_arguments import check_int, warn_deprecated
 from .toy import TOY_DATA_DIR, TOY_MODEL_PATH
@@ -208,6 +209,22 @@ def _holds_results(folder: Path) -> list[str]:
     return found
 
 
+# What a recipe run writes into output_dir (transformers' save_model / checkpoints / model card / logs, BoN-SFT's data)
+RECIPE_WRITES = (
+    RUN_FILE, "checkpoint-*", "README.md", "config.json", "generation_config.json", "*.safetensors",
+    "*.safetensors.index.json", "pytorch_model*.bin", "adapter_config.json", "tokenizer*", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "vocab.*", "merges.txt", "*.model", "training_args.bin",
+    "*results.json", "trainer_state.json", "runs", "bon_data",
+)  # fmt: skip
+
+
+def _recipe_files(folder: Path) -> set[str]:
+    """A folder a recipe wrote before the file manifest existed (its run file names it): the names a recipe writes."""
+    if not (folder / RUN_FILE).is_file():
+        return set()
+    return {p.name for p in folder.iterdir() if any(fnmatch.fnmatchcase(p.name, w) for w in RECIPE_WRITES)}
+
+
 def _is_trainer_checkpoint(folder: Path) -> bool:
     """A `checkpoint-<step>` folder as transformers writes it (its trainer_state.json)."""
     return (folder / "trainer_state.json").is_file()
@@ -233,7 +250,7 @@ def claim_output_dir(training_args, script_args=None, model_args=None) -> None:
     resume = resolve_resume_value(training_args.resume_from_checkpoint, folder)  # `true`: there must be one
     overwrite = bool(getattr(script_args, "overwrite_output_dir", False))
     current = run_arguments(script_args, training_args, model_args)
-    results = _holds_results(folder)
+    results, discard = _holds_results(folder), []
     if results and resume is None:
         try:
             previous = json.loads((folder / RUN_FILE).read_text())
@@ -251,10 +268,7 @@ def claim_output_dir(training_args, script_args=None, model_args=None) -> None:
                     "trainer_state.json): --overwrite_output_dir never deletes it. Move it away, or pass another "
                     "--output_dir."
                 )
-            for name in results:
-                if name.startswith("checkpoint-"):
-                    shutil.rmtree(folder / name)  # the user asked; checkpoints of the earlier run must not mix in
-            logger.warning("overwrite_output_dir: discarded %s in %s.", ", ".join(results), folder)
+            discard = [name for name in results if name.startswith("checkpoint-")]  # once the folder passed below
         elif previous is None or changed:
             what = ", ".join(results[:3]) + (f" and {len(results) - 3} more" if len(results) > 3 else "")
             why = (
@@ -269,6 +283,22 @@ def claim_output_dir(training_args, script_args=None, model_args=None) -> None:
                 "--resume_from_checkpoint true, discard its checkpoints with --overwrite_output_dir true, or pass "
                 "another --output_dir."
             )
+    if resume is None:
+        # The saved model, its card (README.md), tokenizer and training_args.bin replace same-named files: a folder of
+        # the user's is refused (with --overwrite_output_dir written beside its files, never over them)
+        OutputFiles(
+            folder,
+            "recipe",
+            overwrite=overwrite,
+            overwrite_hint="--overwrite_output_dir true",
+            legacy=_recipe_files,
+            planned=tuple(name for name in RECIPE_WRITES if name != "checkpoint-*"),  # checkpoints: handled above
+            who="a trl-sharpen recipe",
+        ).claim(RUN_FILE)
+    for name in discard:
+        shutil.rmtree(folder / name)  # the user asked; checkpoints of the earlier run must not mix in
+    if discard:
+        logger.warning("overwrite_output_dir: discarded %s in %s.", ", ".join(discard), folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RUN_FILE).write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
 
