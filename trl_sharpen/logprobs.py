@@ -40,14 +40,30 @@ def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def check_not_prompt_learning(model: torch.nn.Module) -> None:
-    """Refuse a prompt-learning PEFT model with one line (see `unwrap_causal_lm`)."""
+    """Refuse with one line a PEFT model whose policy is not the causal LM inside it (see `unwrap_causal_lm`):
+    prompt learning (virtual tokens), and adapters that the PEFT wrapper's own forward steers, which calls of the causal
+    LM skip: X-LoRA (a scaling pass picks the mixture), Poly (routing by `task_ids`), aLoRA (LoRA with
+    `alora_invocation_tokens`: the wrapper finds the invocation and switches the adapter on after it; without it the
+    layers run the base). Every other adapter type lives in the causal LM's layers and is scored exactly
+    (tests/test_peft_types.py)."""
     model = extract_model_from_parallel(model)
     config = getattr(model, "active_peft_config", None) if is_peft_model(model) else None
-    if config is not None and config.is_prompt_learning:
+    if config is None:
+        return
+    if config.is_prompt_learning:
         raise ValueError(
             f"{config.peft_type.value} adapters are not supported: the sampled and scored model would be pi_base, "
             "not the policy (the virtual tokens live outside the causal LM). Use LoRA (--use_peft with --lora_r) or "
             "full fine-tuning."
+        )
+    peft_type = getattr(config.peft_type, "value", str(config.peft_type))
+    steered = peft_type in ("XLORA", "POLY") or bool(getattr(config, "alora_invocation_tokens", None))
+    if steered:
+        name = "aLoRA" if peft_type == "LORA" else peft_type
+        raise ValueError(
+            f"{name} adapters are not supported: the PEFT wrapper's own forward steers them, which sampling and "
+            "scoring (run on the causal LM inside it) would skip, so they would sample and score another model than "
+            "the policy. Use plain LoRA (--use_peft with --lora_r) or full fine-tuning."
         )
 
 
