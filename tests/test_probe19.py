@@ -258,3 +258,30 @@ def test_a_recipe_never_replaces_the_users_model_card_or_config(tmp_path):
     (notes.parent / "README.md").write_text("our model card")  # what the run's save_model writes
     claim_output_dir(*recipe_args(notes.parent))  # a folder of this recipe's: no flag needed again
     assert notes.read_text() == "the user's own file\n"
+
+
+def test_eval_refuses_a_base_model_with_another_tokenizer(tmp_path, capsys):
+    """Same vocabulary size, two token ids swapped: pi_base would score the model's ids as other text (exit 0)."""
+    import shutil
+
+    from trl_sharpen.toy import TOY_MODEL_PATH
+
+    base = tmp_path / "swapped"
+    shutil.copytree(TOY_MODEL_PATH, base)
+    tokenizer = json.loads((base / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["1"], vocab["2"] = vocab["2"], vocab["1"]
+    (base / "tokenizer.json").write_text(json.dumps(tokenizer))
+    code, line = run_cli([*EVAL, "--base_model_name_or_path", str(base)], capsys)
+    assert code == 1
+    assert line.startswith(f"trl-sharpen: error: --base_model_name_or_path {base} has another tokenizer than the ")
+
+
+def test_an_adapter_whose_base_is_gone_is_named(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "base_model_name_or_path": "/nonexistent/base", "task_type": "CAUSAL_LM"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, line = run_cli(["eval", "--model_name_or_path", str(adapter), *EVAL[3:]], capsys)  # was: "Repo id must be"
+    assert code == 1
+    assert line.startswith(f"trl-sharpen: error: --model_name_or_path {adapter} is a PEFT adapter whose base model ")

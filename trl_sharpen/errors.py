@@ -120,10 +120,26 @@ def check_model_path(name_or_path: str, resolved: str, option: str = "--model_na
         from .checkpoints import check_model_files
 
         check_model_files(path)  # a damaged config or weights file is named, not a bare SafetensorError / JSON error
+        check_adapter_base(path, name_or_path, option)
     elif path.exists():
         raise ValueError(f"{option} {name_or_path} is a file but not a .gguf model: pass a model folder or a Hub id.")
     elif name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
         raise ValueError(f"{option} {name_or_path} does not exist: pass an existing model folder, or a Hub id.")
+
+
+def check_adapter_base(path: Path, name_or_path: str, option: str) -> None:
+    """A PEFT adapter folder names its base model; a local base that is gone gave the Hub's "Repo id must be in the
+    form 'repo_name'" error, which names neither the adapter nor the setting."""
+    import json
+
+    if (path / "config.json").is_file() or not (path / "adapter_config.json").is_file():
+        return
+    base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if isinstance(base, str) and base.startswith(("/", "./", "../", "~")) and not Path(base).expanduser().exists():
+        raise ValueError(
+            f"{option} {name_or_path} is a PEFT adapter whose base model {base} (base_model_name_or_path in its "
+            "adapter_config.json) does not exist: restore that folder, or edit the path in adapter_config.json."
+        )
 
 
 def check_resume_from_checkpoint(value) -> None:
