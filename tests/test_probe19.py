@@ -285,3 +285,15 @@ def test_an_adapter_whose_base_is_gone_is_named(tmp_path, capsys):
     code, line = run_cli(["eval", "--model_name_or_path", str(adapter), *EVAL[3:]], capsys)  # was: "Repo id must be"
     assert code == 1
     assert line.startswith(f"trl-sharpen: error: --model_name_or_path {adapter} is a PEFT adapter whose base model ")
+
+
+def test_ctrl_c_gets_one_line_with_the_way_to_resume(tmp_path, capsys, monkeypatch):
+    from trl_sharpen import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "bon", (cli.COMMANDS["bon"][0], interrupted))
+    code, line = run_cli([*BON, "--output_dir", str(tmp_path / "out")], capsys)  # was: a KeyboardInterrupt traceback
+    assert code == 130
+    assert line == "trl-sharpen: interrupted. bon keeps the shards it wrote: the same command resumes from them."

@@ -14,6 +14,8 @@ Under `accelerate launch -m trl_sharpen.cli bon ...` the prompts are split acros
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import logging
 import os
 import sys
@@ -175,6 +177,11 @@ def check_model_config(model_args) -> None:
             "adapter folder as --model_name_or_path instead (it is loaded with its base)."
         )
     check_lora_options(model_args)  # --lora_r ... without --use_peft: ignored, say so
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(  # (transformers says so only once the data is loaded)
+            "--load_in_4bit / --load_in_8bit need bitsandbytes, which is not installed: "
+            'pip install "trl-sharpen[quantization]", or load the model unquantized.'
+        )
 
 
 def device():
@@ -185,15 +192,24 @@ def device():
     return distributed_state().device
 
 
+def quantization_config_of(model_args):
+    """TRL's `get_quantization_config`, except that the CLI's default `--dtype auto` is no 4-bit compute dtype (TRL
+    passes dtype on as one, and `torch.auto` crashed with a traceback): the compute dtype is then bitsandbytes' own."""
+    from trl import get_quantization_config
+
+    if model_args.load_in_4bit and model_args.dtype == "auto":
+        model_args = dataclasses.replace(model_args, dtype=None)
+    return get_quantization_config(model_args)
+
+
 def load_model(model_args, path: str, trust_remote_code: bool):
     """A causal LM (or a PEFT adapter with its base) from TRL's `ModelConfig` loading options, on `device()`
     (quantized models are placed by their device map)."""
     import torch
     from transformers import AutoModelForCausalLM
-    from trl import get_quantization_config
 
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
-    quantization_config = get_quantization_config(model_args)
+    quantization_config = quantization_config_of(model_args)
     kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
@@ -390,8 +406,13 @@ LOCKED_COMMANDS = ("bon", "eval")  # their output_dir is locked for the run (con
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    with clear_errors(argv=argv):
-        _main(argv)
+    try:
+        with clear_errors(argv=argv):
+            _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the sampling loop was
+        resume = " bon keeps the shards it wrote: the same command resumes from them." if argv[:1] == ["bon"] else ""
+        print(f"trl-sharpen: interrupted.{resume}", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def _main(argv: list[str]) -> None:
