@@ -357,3 +357,14 @@ def test_a_model_that_reads_left_padding_is_sampled_without_padding(monkeypatch)
     torch.testing.assert_close(torch.tensor(samples.logprobs), rescored, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="reads left padding as text"):
         generate_completions(model, PROMPTS, config, num_samples=3, synced_gpus=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_generation_proof_passes_half_precision_models(dtype):
+    """Half precision rounds a cached step otherwise than a full forward (README, Exactness): the once-per-model
+    generation proof must not mistake that for a generate that mixes rows or reads padding (it would refuse sampling,
+    or split batches by prompt length). Checked on SmolLM2 and Gemma-3-270M in bf16 / fp16 too (by hand)."""
+    model = tiny_model("llama").to(dtype)
+    assert _generation_padding(model, sampling(), None)
+    samples = generate_completions(model, PROMPTS, sampling(), num_samples=2)
+    assert len(samples) == 4
