@@ -66,13 +66,13 @@ class Setting:
 
 SETTINGS = {
     "a": Setting(
-        "(a) SmolLM2 chat 1-digit arithmetic (addition widened with subtraction and multiplication; 200 test prompts)",
+        "(a) SmolLM2 chat 1-digit arithmetic (addition widened with subtraction and multiplication)",
         (
             "--dataset_name", "trl_sharpen/tasks/data/arithmetic_mixed1_chat",
             "--answer_extractor", "trl_sharpen.tasks.arithmetic:extract_answer",
         ),
     ),
-    "b": Setting("(b) SmolLM2 chat ProntoQA (the recipes' setting; 200 test prompts)", ()),
+    "b": Setting("(b) SmolLM2 chat ProntoQA (the recipes' setting)", ()),
 }  # fmt: skip
 
 
@@ -249,6 +249,7 @@ def markdown(results: dict, command_note: str) -> str:
         "given the most common greedy answer; step = the selected iterate (0 = pi_base). One prompt of 200 is 0.005; "
         "the standard error of a greedy accuracy p on n prompts is sqrt(p(1-p)/n). 2 CPU cores shared with other "
         "jobs: wall times are upper bounds.",
+        "",
         command_note,
     ]
     for setting_key, setting in SETTINGS.items():
@@ -279,7 +280,7 @@ def markdown(results: dict, command_note: str) -> str:
                 f"{fmt(r['avg_train_t'])} | {fmt(r['maj_t1'])} | {fmt(r['pass_t1'])} | {fmt(r['delta'])} | "
                 f"{fmt(r['greedy_base_logprob'], 2)} | {fmt(r['length'], 1)} | {r['top_answer']!r} "
                 f"({r['top_answer_share']:.2f}) | {step} | {fmt(stats.get('train_seconds'), 0)} | "
-                f"{fmt(r['eval_seconds'], 0)} | {' '.join(r['overrides']) or 'recipe as is'} |"
+                f"{fmt(r['eval_seconds'], 0)} | {' '.join(r['overrides']) or ('recipe as is' if stats else '-')} |"
             )
         if base is not None and "bon" in base:
             bon = base["bon"]
@@ -300,8 +301,15 @@ def main():
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--num_prompts", type=int, default=None, help="Test prompts (default: the recipes' 200).")
     parser.add_argument("--output", default=str(RESULTS / "real_model_table_guarded.md"))
+    parser.add_argument("--report_only", action="store_true", help="Rewrite the markdown from the stored rows.")
     parser.add_argument("overrides", nargs="*", help="Extra recipe flags for every trained row, after `--`.")
     args = parser.parse_args()
+    if args.report_only:
+        results = json.loads(Path(args.output).with_suffix(".json").read_text())
+        commands = sorted({row["command"] for row in results.values()})
+        Path(args.output).write_text(markdown(results, "Commands: " + "; ".join(f"`{c}`" for c in commands) + "."))
+        print(Path(args.output).read_text())
+        return
     import torch
     from transformers import AutoModelForCausalLM
 
