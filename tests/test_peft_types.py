@@ -98,3 +98,33 @@ def test_adapter_steered_outside_the_causal_lm_is_refused_in_one_line(adapter):
         sequence_logprobs(model, [PROMPTS[0]], [COMPLETIONS[0]])
     with pytest.raises(ValueError, match=message):
         generate_completions(model, PROMPTS, sampling(), num_samples=2)
+
+
+def test_pi_base_of_a_retrained_adapter_is_trls_ref_adapter_in_evaluation_too():
+    """Re-training an adapter (a PEFT model passed without `peft_config`): TRL's DPO keeps a frozen copy "ref" of it as
+    the reference, and the trainers' pi_base is that copy. Evaluation's pi_base (`base_scoring_context`: the greedy
+    evaluation callback, `trl-sharpen eval`'s helpers) disabled every adapter instead, scoring the raw base model."""
+    from trl.trainer.utils import use_adapter
+
+    from trl_sharpen.self_rewards import base_scoring_context
+
+    prompts = [PROMPTS[i] for i in ROWS]
+    model = peft.get_peft_model(tiny_model("llama"), lora())
+    model.add_adapter("ref", lora())  # as TRL's DPOTrainer does: a copy of the adapter as it was given
+    with torch.no_grad():
+        parameters = dict(model.named_parameters())
+        for name, parameter in parameters.items():
+            if ".ref." in name:
+                parameter.copy_(parameters[name.replace(".ref.", ".default.")])
+            elif ".default." in name:  # the policy has trained since
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    model.eval()
+    with use_adapter(model, "ref"):
+        expected = own_logprobs(model, prompts, COMPLETIONS)
+    with model.disable_adapter():
+        raw_base = own_logprobs(model, prompts, COMPLETIONS)
+    assert (expected - raw_base).abs().max() > 1e-2
+    with base_scoring_context(model):
+        got = sequence_logprobs(model, prompts, COMPLETIONS)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert model.active_adapter == "default"  # restored

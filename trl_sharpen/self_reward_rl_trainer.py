@@ -17,7 +17,8 @@ A user's GRPO script becomes a sharpening script by changing two class names and
     >>> args = SelfRewardGRPOConfig(output_dir="out", self_reward="logprob", beta=0.04)
     >>> trainer = SelfRewardGRPOTrainer(model="Qwen/Qwen2.5-1.5B-Instruct", args=args, train_dataset=prompts)
 
-Generation is TRL's own (no generation method is overridden): `use_vllm` works as in TRL. Only the reward is ours:
+Generation is TRL's own, run with the checkpoint's generation config set aside (as trl_sharpen's own sampling:
+see `_generate_single_turn`): `use_vllm` works as in TRL. Only the reward is ours:
 it is the first entry of TRL's `reward_funcs` (named after the self-reward in TRL's logs), and user `reward_funcs`
 are added after it, with `reward_weights` = [self-reward's weight, then theirs].
 
@@ -55,7 +56,7 @@ from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_ge
 from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
 from .answers import get_answer_extractor
-from .generation import eval_mode
+from .generation import checkpoint_generation_defaults_off, eval_mode
 from .logprobs import sequence_logprobs
 from .monitoring import SharpeningMonitorMixin, is_prompt_only
 from .policy_statistics import completion_token_statistics
@@ -180,6 +181,17 @@ class SelfRewardRLMixin(SharpeningMonitorMixin):
         needs_base = reward.requires_base_logprobs or is_prompt_only_or_none(kwargs.get("eval_dataset"))
         if self.ref_model is None and not is_peft_model(unwrapped) and needs_base:
             self.ref_model = self._frozen_base_copy(unwrapped, kwargs.get("quantization_config"))
+
+    def _generate_single_turn(self, *args, **kwargs):
+        """TRL's generation step, run with the checkpoint's generation config set aside (token ids kept): transformers
+        5.x fills every field TRL's `generation_config` leaves None (no_repeat_ngram_size, typical_p, min_p, ...) from
+        the checkpoint's, so a checkpoint's repetition penalty or n-gram ban changed what was sampled (issue 18 case
+        1). TRL's own settings and `generation_kwargs` are used as given. (vLLM keeps its own sampling parameters.)"""
+        config = getattr(self, "generation_config", None)  # TRL builds it only for transformers' generate
+        if config is None:
+            return super()._generate_single_turn(*args, **kwargs)
+        with checkpoint_generation_defaults_off(self.model, config):
+            return super()._generate_single_turn(*args, **kwargs)
 
     @staticmethod
     def _check_user_reward_funcs(user_funcs, reward, args) -> None:

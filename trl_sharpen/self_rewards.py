@@ -78,8 +78,14 @@ def group_ids_of(prompts: Sequence) -> list[int]:
 
 
 def base_scoring_context(model):
-    """Score with the base model: a PEFT model's adapters are disabled, a plain model is used as is."""
-    return model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+    """Score with pi_base: a plain model as it is; a PEFT model with its adapters disabled, or, when it holds TRL's
+    frozen "ref" adapter (a given adapter being re-trained: DPO keeps a copy of it as the reference), with that one,
+    as the trainers' own pi_base (evaluation scored the raw base there)."""
+    if not is_peft_model(model):
+        return contextlib.nullcontext()
+    from trl.trainer.utils import use_adapter
+
+    return use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None)
 
 
 class SelfReward:
