@@ -144,7 +144,7 @@ def test_empty_completion_scores_zero_and_empty_prompt_is_refused(toy_model, sam
     prompts, completions = samples
     got = sequence_logprobs(toy_model, prompts[:2], [[], completions[1]])
     assert got[0].item() == 0.0 and got[1].item() < 0
-    with pytest.raises(ValueError, match="Prompt 1 is empty"):
+    with pytest.raises(ValueError, match=r"Prompt 2 \(counting from 1\) is empty"):
         sequence_logprobs(toy_model, [prompts[0], []], completions[:2])
 
 
