@@ -32,6 +32,7 @@ from .logprobs import (
     check_tolerance,
     completion_mask_from_eos,
     has_eos,
+    is_partitioned,
     once_per_model,
     pad_rows,
     prefill_prompts,
@@ -89,14 +90,18 @@ class _SampledTokenLogprobRecorder:
             self.steps.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
         self.pending = logits[:, -1].float().log_softmax(dim=-1)
 
-    def per_token_logprobs(self, completion_ids: torch.Tensor) -> torch.Tensor | None:
+    def per_token_logprobs(self, completion_ids: torch.Tensor, synced: bool = False) -> torch.Tensor | None:
         """`(batch, C)` log-probabilities of the returned completion tokens, or None unless there was exactly one
-        step per completion token."""
+        step per completion token. `synced`: `generate(synced_gpus=True)`, where a process whose rows are done keeps
+        running forwards (on its last token) until every process is; those trailing steps come after the real ones
+        and are dropped. The first of them gathers the last token from the last real forward, as `pending` would."""
         length = completion_ids.size(1)
-        if self.failed or self.pending is None or len(self.steps) != length - 1:
+        if self.failed or self.pending is None or len(self.steps) < length - 1:
             return None
-        steps = [*self.steps, self.pending.gather(-1, completion_ids[:, -1:].to(self.pending.device)).squeeze(-1)]
-        return torch.stack(steps, dim=1)
+        if len(self.steps) == length - 1:
+            last = self.pending.gather(-1, completion_ids[:, -1:].to(self.pending.device)).squeeze(-1)
+            return torch.stack([*self.steps, last], dim=1)
+        return torch.stack(self.steps[:length], dim=1) if synced else None
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,7 +357,7 @@ def _shared_prefill_is_exact(model, generation_config: GenerationConfig) -> bool
         same_tokens = runs[0].completion_ids == runs[1].completion_ids
         return same_tokens and error <= check_tolerance(causal_lm) * config.max_new_tokens
 
-    return once_per_model(causal_lm, "shared_prefill", check)
+    return once_per_model(causal_lm, "shared_prefill", check, when_partitioned=False)
 
 
 _PROVING_GENERATION = "_trl_sharpen_proving_generation"
@@ -408,7 +413,9 @@ def _generation_padding(model, generation_config: GenerationConfig, synced_gpus:
             return f"{alone_error:.3g}"
         return "padded" if error(padded) <= tolerance else "unpadded"
 
-    verdict = once_per_model(causal_lm, "generation", check)
+    # Under ZeRO-3 the proof cannot run in step on every process (see `once_per_model`): padding is taken as invisible,
+    # as for every architecture before the proof existed; the README says the proof runs on one process only
+    verdict = once_per_model(causal_lm, "generation", check, when_partitioned="padded")
     if verdict not in ("padded", "unpadded"):
         raise ValueError(
             f"{type(causal_lm).__name__}: transformers' generate does not sample from this model's own distribution "
@@ -548,7 +555,9 @@ def generate_completions(
             stopped = torch.tensor([n is not None for n in stops.stop_lengths], device=truncated.device)
             truncated = truncated & ~stopped
         if record_logprobs:
-            per_token = recorder.per_token_logprobs(completion_ids)
+            # Rescoring on one process alone would leave ZeRO-3's gathers mismatched: synced steps are expected
+            synced = bool(synced_gpus) or (synced_gpus is None and is_partitioned(unwrap_causal_lm(model)))
+            per_token = recorder.per_token_logprobs(completion_ids, synced=synced)
             if per_token is None:
                 # generation did not expose input ids and logits (e.g. `inputs_embeds`): score separately
                 seq_logprobs = sequence_logprobs(model, input_ids, completion_ids, attention_mask, completion_mask)

@@ -128,11 +128,24 @@ def running_a_check() -> bool:
     return _checks_running > 0
 
 
-def once_per_model(causal_lm: torch.nn.Module, name: str, check):
+def is_partitioned(module: torch.nn.Module) -> bool:
+    """Whether the weights are ZeRO-3 partitioned: every forward is then a collective that all processes must run."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled() or any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def once_per_model(causal_lm: torch.nn.Module, name: str, check, *, when_partitioned):
     """`check()`'s verdict for `causal_lm`, computed at the first call and kept on the model (per dtype). The model
-    runs in eval mode and without gradients meanwhile (dropout would make any comparison fail)."""
+    runs in eval mode and without gradients meanwhile (dropout would make any comparison fail).
+
+    Under ZeRO-3 the check does not run and the verdict is `when_partitioned`: a first use can come from one process
+    alone (a batch whose prompts repeat on one rank only), and its extra forwards would leave the processes' gathers
+    mismatched (a crash: "Is there a distributed collective mismatch"). Callers pass the conservative path."""
     checks = causal_lm.__dict__.setdefault(_CHECKS_ATTRIBUTE, {})
     key = (name, _parameter_dtype(causal_lm))
+    if key not in checks and is_partitioned(causal_lm):
+        checks[key] = when_partitioned
     if key not in checks:
         global _checks_running
         was_training = causal_lm.training
@@ -219,7 +232,7 @@ def verified_logit_transform(causal_lm: torch.nn.Module):
         )  # fmt: skip
         return False
 
-    return transform if once_per_model(causal_lm, "logit_transform", check) else None
+    return transform if once_per_model(causal_lm, "logit_transform", check, when_partitioned=False) else None
 
 
 def _device_of(causal_lm: torch.nn.Module) -> torch.device:
@@ -529,7 +542,7 @@ def shared_scoring_is_exact(causal_lm: torch.nn.Module) -> bool:
         unshared = _unshared_logprobs(causal_lm, *packed, 4, chunk, transform, device)
         return (shared - unshared).abs().max().item() <= check_tolerance(causal_lm) * max(1.0, len(completions[0]))
 
-    return once_per_model(causal_lm, "shared_scoring", check)
+    return once_per_model(causal_lm, "shared_scoring", check, when_partitioned=False)
 
 
 def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: int | Sequence[int]) -> torch.Tensor:
@@ -611,7 +624,7 @@ def _fused_lm_head_is_exact(model: torch.nn.Module, fused_forward) -> bool:
         return (got - expected).abs().max().item() <= check_tolerance(model) * max(1.0, expected.abs().max().item())
 
     try:
-        return once_per_model(model, "fused_lm_head", check)
+        return once_per_model(model, "fused_lm_head", check, when_partitioned=True)
     except Exception:  # a kernel that cannot run here (e.g. Triton without a GPU): judged where it runs, by TRL
         return True
 

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import transformers
 from datasets import DatasetDict
 from transformers import AutoTokenizer
@@ -343,3 +344,8 @@ def finish_run(trainer, training_args, script_args) -> None:
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     trainer.accelerator.end_training()
+    # Leave together: a process that exits while another still holds the process group (rank 0 writing its files)
+    # can abort in gloo's threads ("terminate called without an active exception") after a finished, saved run
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        trainer.accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
