@@ -447,3 +447,43 @@ def test_half_precision_models_are_scored_with_a_float32_head(toy_model, samples
         logps = (hidden.float() @ model.lm_head.weight.float().T).log_softmax(-1)
     expected = logps.gather(-1, torch.tensor(completions[0]).unsqueeze(-1)).sum()
     torch.testing.assert_close(got, expected.reshape(1), atol=1e-4, rtol=0)
+
+
+def test_recorder_drops_the_trailing_forwards_of_synced_generation(toy_model, toy_tokenizer):
+    """Under `generate(synced_gpus=True)` (ZeRO-3), a process whose rows are done keeps running forwards on its last
+    token until every process is done. The recorder keeps the real steps and drops those; without `synced` the extra
+    steps mean "re-score" (None). Re-scoring on one process alone crashed ZeRO-3's gathers."""
+    from types import SimpleNamespace
+
+    from trl_sharpen.generation import _SampledTokenLogprobRecorder
+
+    prompt = toy_tokenizer("Q : 1 + 2 = ?")["input_ids"]
+    config = build_generation_config(
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=6,
+        pad_token_id=0,
+        eos_token_id=toy_tokenizer.eos_token_id,
+    )
+    sampled = generate_completions(toy_model, [prompt], config, num_samples=1, share_prompt_prefill=False)
+    tokens = sampled.completion_ids[0]
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = toy_model(ids).logits
+    recorder = _SampledTokenLogprobRecorder()
+    start = len(prompt)
+
+    def forward(position, new_ids):  # the hook as generate calls it: the input ids, then the logits they gave
+        recorder(None, (), {"input_ids": new_ids}, SimpleNamespace(logits=logits[:, position - 1 : position]))
+
+    forward(start, ids[:, :start])
+    for t in range(1, len(tokens)):
+        forward(start + t, ids[:, start + t - 1 : start + t])
+    for _ in range(3):  # synced_gpus: the finished process goes on running its last token
+        forward(len(prompt) + len(tokens), ids[:, -1:])
+    completion = torch.tensor([tokens])
+    assert recorder.per_token_logprobs(completion) is None
+    got = recorder.per_token_logprobs(completion, synced=True).sum().item()
+    assert got == pytest.approx(sampled.logprobs[0], abs=1e-4)
