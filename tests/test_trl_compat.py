@@ -292,9 +292,13 @@ def test_self_reward_rl_relies_on_the_reference_pass_preceding_the_rewards(train
     assert "seed=self.args.seed" in inspect.getsource(trainer._get_train_sampler)
     sampler = inspect.getsource(trl.trainer.utils.RepeatSampler)
     assert "self.generator = torch.Generator()" in sampler and "generator=self.generator" in sampler
-    # generation stays TRL's own (use_vllm keeps working): the mixin overrides none of it
-    generation = {"_generate", "_generate_single_turn", "_generate_and_score_completions", "_prepare_inputs"}
+    # generation stays TRL's own (use_vllm keeps working): the mixin replaces none of it, and wraps only
+    # `_generate_single_turn`, in the context that sets the checkpoint's generation config aside (issue 18 case 1)
+    generation = {"_generate", "_generate_and_score_completions", "_prepare_inputs"}
     assert not generation & set(vars(SelfRewardRLMixin))
+    wrapper = inspect.getsource(SelfRewardRLMixin._generate_single_turn)
+    assert wrapper.count("return super()._generate_single_turn(*args, **kwargs)") == 2
+    assert "self.generation_config" in inspect.getsource(trainer._generate_single_turn)  # what `generate` is given
 
 
 INTERNALS = {
