@@ -22,43 +22,19 @@ RLOO: recipes/rloo_sharpen.py, the same script with `SelfRewardRLOOTrainer`. Eve
 `SharpenScriptArguments`, `SelfRewardGRPOConfig` and `trl.ModelConfig` can be set in the YAML or on the command line.
 """
 
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, TrlParser
 
 from trl_sharpen import SelfRewardGRPOConfig, SelfRewardGRPOTrainer
 from trl_sharpen.distributed import parse_args_and_config
 from trl_sharpen.errors import clear_errors
-from trl_sharpen.script_utils import (
-    SharpenScriptArguments,
-    add_greedy_report,
-    finish_run,
-    load_model_name_and_tokenizer,
-    load_prompt_datasets,
-    setup_run,
-    train_and_save,
-)
+from trl_sharpen.script_utils import SharpenScriptArguments, train_online_recipe
 
 
 TRAINER, CONFIG = SelfRewardGRPOTrainer, SelfRewardGRPOConfig
 
 
 def main(script_args: SharpenScriptArguments, training_args, model_args: ModelConfig):
-    setup_run(training_args, script_args, model_args)  # also locks output_dir for this run
-    model_name, tokenizer = load_model_name_and_tokenizer(model_args, training_args)
-    dataset = load_prompt_datasets(script_args)
-    test_split = script_args.dataset_test_split
-
-    trainer = TRAINER(
-        model=model_name,
-        args=training_args,
-        train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=dataset[test_split] if training_args.eval_strategy != "no" and test_split in dataset else None,
-        processing_class=tokenizer,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-    )
-    add_greedy_report(trainer, dataset, script_args)  # greedy accuracy on the test split, before and after training
-    train_and_save(trainer, training_args, script_args)
-    finish_run(trainer, training_args, script_args)
+    train_online_recipe(TRAINER, script_args, training_args, model_args)
 
 
 def make_parser() -> TrlParser:

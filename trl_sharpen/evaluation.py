@@ -127,6 +127,28 @@ def is_plain_temperature_1(temperature: float, top_p: float | None, top_k: int |
     return temperature == 1 and (top_p is None or top_p >= 1) and not top_k
 
 
+def _seeded_samples(
+    model, tokenizer, prompt_ids, *, num_samples, temperature, top_p, top_k, max_new_tokens, batch_size, stop_strings,
+    seed, desc,
+):  # fmt: skip
+    """N seeded samples per prompt from `model` in eval mode, with a progress bar named `desc`."""
+    config = sampling_config(
+        model, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
+    )
+    with eval_mode(model), seeded(model, seed):
+        with tqdm(total=len(prompt_ids) * num_samples, desc=desc, unit="sample") as bar:
+            return generate_completions(
+                model,
+                prompt_ids,
+                config,
+                num_samples=num_samples,
+                batch_size=batch_size,
+                progress=bar,
+                tokenizer=tokenizer,
+                stop_strings=stop_strings,
+            )
+
+
 def _sample_and_check(
     model,
     tokenizer,
@@ -147,21 +169,10 @@ def _sample_and_check(
 ) -> tuple[list[list[bool]], list[list[str | None]], int]:
     """N samples per prompt from `model` (seeded), checked against the references: per-prompt correctness flags,
     extracted answers, and the number of completions on which the checker raised."""
-    config = sampling_config(
-        model, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
-    )
-    with eval_mode(model), seeded(model, seed):
-        with tqdm(total=len(prompt_ids) * num_samples, desc=desc, unit="sample") as bar:
-            sampled = generate_completions(
-                model,
-                prompt_ids,
-                config,
-                num_samples=num_samples,
-                batch_size=batch_size,
-                progress=bar,
-                tokenizer=tokenizer,
-                stop_strings=stop_strings,
-            )
+    sampled = _seeded_samples(
+        model, tokenizer, prompt_ids, num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, stop_strings=stop_strings, seed=seed, desc=desc,
+    )  # fmt: skip
     texts = tokenizer.batch_decode(sampled.completion_ids, skip_special_tokens=True)
     correct, errors = check_answers(checker, texts, [answers[p] for p in sampled.prompt_index])
     rows = range(len(prompt_ids))
@@ -393,22 +404,12 @@ def evaluate_sharpening(
     timer["greedy"] = time.perf_counter()
 
     prompt_ids = tokenize_prompts(tokenizer, prompts, max_new_tokens, model_max_length(model))
-    config = sampling_config(
-        model, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
-    )
-    with eval_mode(model), seeded(model, seed):
-        # The long part of an evaluation (N samples per prompt): a progress bar, like Best-of-N sampling
-        with tqdm(total=len(prompt_ids) * num_samples, desc="Sampling for evaluation", unit="sample") as bar:
-            sampled = generate_completions(
-                model,
-                prompt_ids,
-                config,
-                num_samples=num_samples,
-                batch_size=batch_size,
-                progress=bar,
-                tokenizer=tokenizer,
-                stop_strings=stop_strings,
-            )
+    # The long part of an evaluation (N samples per prompt): a progress bar, like Best-of-N sampling
+    sampled = _seeded_samples(
+        model, tokenizer, prompt_ids, num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, stop_strings=stop_strings, seed=seed,
+        desc="Sampling for evaluation",
+    )  # fmt: skip
     timer["sampling"] = time.perf_counter()
 
     expanded_prompt_ids = [prompt_ids[p] for p in sampled.prompt_index]

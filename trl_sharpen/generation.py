@@ -328,6 +328,15 @@ def _can_share_prompt_prefill(model, generation_config: GenerationConfig, synced
 _PROVING = "_trl_sharpen_proving_shared_prefill"
 
 
+def _proof_config(generation_config: GenerationConfig) -> GenerationConfig:
+    """What the once-per-model generation proofs sample with: greedy, 3 tokens, the run's pad and EOS ids."""
+    return build_generation_config(
+        do_sample=False, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=3,
+        pad_token_id=generation_config.pad_token_id if generation_config.pad_token_id is not None else 0,
+        eos_token_id=generation_config.eos_token_id,
+    )  # fmt: skip
+
+
 def _shared_prefill_is_exact(model, generation_config: GenerationConfig) -> bool:
     """Once per model (`once_per_model`): greedy 3-token completions of two prompts of different lengths (one
     left-padded), 2 samples each, with and without the shared prefill, give the same tokens and recorded log-probs
@@ -335,11 +344,7 @@ def _shared_prefill_is_exact(model, generation_config: GenerationConfig) -> bool
     causal_lm = unwrap_causal_lm(model)
     if causal_lm.__dict__.get(_PROVING):  # the proof's own shared run
         return True
-    config = build_generation_config(
-        do_sample=False, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=3,
-        pad_token_id=generation_config.pad_token_id if generation_config.pad_token_id is not None else 0,
-        eos_token_id=generation_config.eos_token_id,
-    )  # fmt: skip
+    config = _proof_config(generation_config)
     prompts = check_token_ids(causal_lm, [5, 3])
 
     def check():
@@ -381,11 +386,7 @@ def _generation_padding(model, generation_config: GenerationConfig, synced_gpus:
     causal_lm = unwrap_causal_lm(model)
     if causal_lm.__dict__.get(_PROVING_GENERATION):  # the proof's own runs
         return True
-    config = build_generation_config(
-        do_sample=False, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=3,
-        pad_token_id=generation_config.pad_token_id if generation_config.pad_token_id is not None else 0,
-        eos_token_id=generation_config.eos_token_id,
-    )  # fmt: skip
+    config = _proof_config(generation_config)
     long, short = check_token_ids(causal_lm, [6, 2])
     tolerance = check_tolerance(causal_lm) * config.max_new_tokens
     if _parameter_dtype(causal_lm) not in CHECK_TOLERANCE:
@@ -517,6 +518,9 @@ def generate_completions(
         logprobs=[None] * n if record_logprobs else None,
         truncated=[None] * n,
     )
+    # Under synced generation (ZeRO-3) a finished process runs extra forwards; re-scoring on one process alone would
+    # leave the gathers mismatched, so the recorder expects those steps
+    synced = bool(synced_gpus) or (synced_gpus is None and is_partitioned(unwrap_causal_lm(model)))
     for batch in _generation_batches(lengths_of_rows, batch_size, padding_ok):
         batch_rows = [rows[position] for position in batch]
         input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch_rows], pad_id)
@@ -555,8 +559,6 @@ def generate_completions(
             stopped = torch.tensor([n is not None for n in stops.stop_lengths], device=truncated.device)
             truncated = truncated & ~stopped
         if record_logprobs:
-            # Rescoring on one process alone would leave ZeRO-3's gathers mismatched: synced steps are expected
-            synced = bool(synced_gpus) or (synced_gpus is None and is_partitioned(unwrap_causal_lm(model)))
             per_token = recorder.per_token_logprobs(completion_ids, synced=synced)
             if per_token is None:
                 # generation did not expose input ids and logits (e.g. `inputs_embeds`): score separately

@@ -340,6 +340,30 @@ def train_and_save(trainer, training_args, script_args) -> None:
     logger.info("Model saved to %s", training_args.output_dir)
 
 
+def train_online_recipe(trainer_class, script_args, training_args, model_args) -> None:
+    """The online recipes' whole run (DPO, XPO, GRPO, RLOO: they differ only in `trainer_class`): check and lock the
+    output folder, load, train on the prompt-only train split with the test split for monitoring, report greedy
+    accuracy before and after, save."""
+    from trl import get_peft_config, get_quantization_config
+
+    setup_run(training_args, script_args, model_args)  # also locks output_dir for this run
+    model_name, tokenizer = load_model_name_and_tokenizer(model_args, training_args)
+    dataset = load_prompt_datasets(script_args)
+    test_split = script_args.dataset_test_split
+    trainer = trainer_class(
+        model=model_name,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[test_split] if training_args.eval_strategy != "no" and test_split in dataset else None,
+        processing_class=tokenizer,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    add_greedy_report(trainer, dataset, script_args)  # greedy accuracy on the test split, before and after training
+    train_and_save(trainer, training_args, script_args)
+    finish_run(trainer, training_args, script_args)
+
+
 def finish_run(trainer, training_args, script_args) -> None:
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
