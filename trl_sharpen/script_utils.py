@@ -15,7 +15,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import transformers
 from datasets import DatasetDict
 from transformers import AutoTokenizer
@@ -367,9 +366,7 @@ def train_online_recipe(trainer_class, script_args, training_args, model_args) -
 def finish_run(trainer, training_args, script_args) -> None:
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    # Leave together: `end_training` destroys the process group at once, and a process that does so while another
+    # still holds it (rank 0 writing the model card) aborted in gloo ("terminate called without an active exception")
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
-    # Leave together: a process that exits while another still holds the process group (rank 0 writing its files)
-    # can abort in gloo's threads ("terminate called without an active exception") after a finished, saved run
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        trainer.accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
