@@ -47,6 +47,8 @@ def main(output_dir: str) -> None:
     result = {"trainer": gather_object(ours), "callable": gather_object(callable_rewards), "world": world}
     if trainer.accelerator.is_main_process:
         print("RESULT " + json.dumps(result), flush=True)
+    trainer.accelerator.wait_for_everyone()  # leave together (as the recipes' finish_run): see script_utils
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
