@@ -89,6 +89,9 @@ ROWS = {
     "sft": Row("SFT-Sharpening", "sft_sharpen", "BoNSFTTrainer"),
     "dpo": Row("RLHF-Sharpening, DPO loss", "dpo_sharpen", "SelfRewardDPOTrainer"),
     "xpo": Row("XPO-Sharpening", "xpo_sharpen", "XPOTrainer"),
+    # XPO's optimism bonus alpha * log pi(y~|x), minimised, lowers the policy's log-prob of pi_base's own samples,
+    # which are mostly pi_base's mode: the same run without it tells whether the bonus flattens the policy's samples
+    "xpo_alpha0": Row("XPO-Sharpening, alpha 0 (no bonus)", "xpo_sharpen", "XPOTrainer", ("--alpha", "0")),
     "grpo": Row("GRPO-Sharpening, logprob", "grpo_sharpen", "SelfRewardGRPOTrainer", ("--self_reward", "logprob")),
     "random": Row(
         "control: DPO recipe, random reward", "dpo_sharpen", "SelfRewardDPOTrainer", ("--self_reward", "random")
@@ -220,6 +223,11 @@ def train(row: Row, key: str, overrides: list[str]):
         peft_config=get_peft_config(model_args),
     )
     trainer.train()
+    evaluations = [  # every monitoring evaluation (step 0 = pi_base): the selection comparison's input
+        {"step": entry["step"], **{k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, float)}}
+        for entry in trainer.state.log_history
+        if "eval_sharpening_error" in entry
+    ]
     stats = {
         "train_seconds": time.perf_counter() - start,
         "steps": trainer.state.global_step,
@@ -230,8 +238,62 @@ def train(row: Row, key: str, overrides: list[str]):
         "require_answer": getattr(args, "require_answer", None),
         "temperature": args.temperature,
         "self_reward": getattr(args, "self_reward", None),
+        "evaluations": evaluations,
+        "monitored_prompts": min(args.eval_num_prompts or len(dataset[test_split]), len(dataset[test_split])),
     }
     return trainer.accelerator.unwrap_model(trainer.model), stats, script_args, args
+
+
+# Label-free selection signals compared on the runs' own monitoring evaluations (metric, higher is better)
+SELECTION_SIGNALS = {
+    "delta": ("eval_sharpening_error", False),
+    "guarded delta": ("eval_guarded_sharpening_error", False),
+    "J_beta": ("eval_objective", True),
+    "base majority agreement": ("eval_base_majority_agreement", True),
+}
+
+
+def selection_comparison(rows: dict) -> list[str]:
+    """Which evaluation each label-free signal would keep in each trained run, scored by the greedy accuracy the
+    monitoring logged on its `eval_num_prompts` labelled prompts (labels only score). The target: no selected iterate
+    below pi_base's (step 0) by more than one standard error."""
+    lines = []
+    for key in ROWS:
+        evaluations = rows.get(key, {}).get("stats", {}).get("evaluations") or []
+        base = next((e for e in evaluations if e["step"] == 0), None)
+        if base is None or "eval_greedy_accuracy" not in base:
+            continue
+        n = rows[key]["stats"]["monitored_prompts"]
+        p0 = base["eval_greedy_accuracy"]
+        se = (p0 * (1 - p0) / n) ** 0.5
+        cells = []
+        for metric, higher in SELECTION_SIGNALS.values():
+            scored = [e for e in evaluations if metric in e]
+            if not scored:
+                cells.append("-")
+                continue
+            # the Trainer keeps the first best on ties (strict improvement)
+            best = scored[0]
+            for e in scored[1:]:
+                if (e[metric] > best[metric]) if higher else (e[metric] < best[metric]):
+                    best = e
+            accuracy = best.get("eval_greedy_accuracy", float("nan"))
+            flag = " **below**" if accuracy < p0 - se else ""
+            cells.append(f"step {best['step']}: {accuracy:.3f}{flag}")
+        best_seen = max(e.get("eval_greedy_accuracy", 0.0) for e in evaluations)
+        lines.append(f"| {ROWS[key].label} | {p0:.3f} ± {se:.3f} | {best_seen:.3f} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    header = "| run | pi_base (step 0) ± 1 SE | best seen | " + " | ".join(SELECTION_SIGNALS) + " |"
+    return [
+        "",
+        "Selection by each label-free signal, scored by the greedy accuracy monitoring logged on its labelled eval "
+        "prompts (step: accuracy; **below**: more than one standard error under pi_base's):",
+        "",
+        header,
+        "|" + "---|" * (3 + len(SELECTION_SIGNALS)),
+        *lines,
+    ]
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -290,6 +352,7 @@ def markdown(results: dict, command_note: str) -> str:
                 f"{bon['mean']:+.3f}, paired bootstrap 95% interval [{bon['low']:+.3f}, {bon['high']:+.3f}]: "
                 f"**{bon['verdict']}**.",
             ]
+        lines += selection_comparison(rows)
         lines += ["", "Greedy outputs (first 3 test prompts):", ""]
         lines += [f"- {ROWS[key].label}: {rows[key]['examples']!r}" for key in ROWS if key in rows]
     return "\n".join(lines) + "\n"
