@@ -284,6 +284,11 @@ def test_a_self_reward_built_with_its_own_model_in_reward_funcs_is_refused(tmp_p
         (SelfRewardGRPOConfig, {"self_reward": "log_prob"}, r"Unknown self_reward 'log_prob'. Valid names: \["),
         (SelfRewardGRPOConfig, {"require_answer": True}, "needs an answer_extractor"),
         (SelfRewardGRPOConfig, {"scoring_batch_size": 0}, "must be a positive integer"),
+        # transformers fills a None top_k with its default 50: samples would not come from pi
+        (SelfRewardGRPOConfig, {"top_k": None}, r"top_k=None: give an integer >= 0"),
+        (SelfRewardRLOOConfig, {"top_k": -1}, r"top_k=-1: give an integer >= 0"),
+        (SelfRewardGRPOConfig, {"temperature": 0.0}, r"temperature=0.0 must be a positive number"),
+        (SelfRewardRLOOConfig, {"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
     ],
 )
 def test_bad_config_values_are_refused_in_one_line(config, overrides, match, tmp_path):
@@ -390,3 +395,11 @@ def test_prompt_only_dataset_with_extra_columns_passes_them_to_user_rewards(tmp_
     )
     trainer.train()
     assert sorted(set(seen)) == ["3", "7"] and len(seen) == RL_ARGS["per_device_train_batch_size"]
+
+
+def test_transformers_fills_a_none_top_k_with_50_which_is_why_it_is_refused():
+    """The reason for the top_k refusal above: transformers' generate fills a None sampling field from its global
+    defaults, and top_k's is 50 (if this changes, the refusal's message must change with it)."""
+    from transformers import GenerationConfig
+
+    assert GenerationConfig._get_default_generation_params()["top_k"] == 50
