@@ -90,6 +90,10 @@ CLI_CASES = {
         "--answer_column 'solution' is not a column of",
     ),
     "--use_peft in bon": ([*BON, "--use_peft"], "--use_peft adds a new adapter for training"),
+    "missing --config file": (
+        ["bon", "--config", "/nonexistent/bon.yaml"],
+        "/nonexistent/bon.yaml does not exist (relative paths start at",
+    ),
 }
 
 
@@ -349,6 +353,9 @@ FINITE = "must be a finite number, got {}."
         ("SelfRewardDPOConfig", {"learning_rate": -1e-5}, "learning_rate must be >= 0, got -1e-05."),
         ("BoNSFTConfig", {"adam_beta2": 1.0}, "adam_beta2 must be in [0, 1), got 1.0."),
         ("XPOConfig", {"weight_decay": -0.1}, "weight_decay must be >= 0, got -0.1."),
+        # transformers reads 0 as unset: no checkpoint was ever saved, or evaluation ran every logging_steps
+        ("BoNSFTConfig", {"save_steps": 0}, "save_steps must be > 0, got 0."),
+        ("SelfRewardDPOConfig", {"eval_steps": 0}, "eval_steps must be > 0, got 0."),
     ],
 )
 def test_every_float_setting_must_be_finite(tmp_path, cls_name, overrides, message):

@@ -287,7 +287,8 @@ def test_a_self_reward_built_with_its_own_model_in_reward_funcs_is_refused(tmp_p
         # transformers fills a None top_k with its default 50: samples would not come from pi
         (SelfRewardGRPOConfig, {"top_k": None}, r"top_k=None: give an integer >= 0"),
         (SelfRewardRLOOConfig, {"top_k": -1}, r"top_k=-1: give an integer >= 0"),
-        (SelfRewardGRPOConfig, {"temperature": 0.0}, r"temperature=0.0 must be a positive number"),
+        (SelfRewardGRPOConfig, {"temperature": 0.0}, r"temperature must be > 0"),
+        (SelfRewardRLOOConfig, {"save_steps": 0}, r"save_steps must be > 0"),
         (SelfRewardRLOOConfig, {"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
     ],
 )

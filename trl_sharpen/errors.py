@@ -48,6 +48,12 @@ def clear_errors(prog: str = "trl-sharpen", argv: list[str] | None = None):
         message = " ".join(str(error).split()) if yaml_error else str(error).strip()
         if yaml_error:
             message = f"the --config file is not valid YAML: {message}. Fix that line (YAML: `key: value` per line)."
+        elif isinstance(error, FileNotFoundError) and error.filename and str(error).startswith("[Errno"):
+            # the OS's bare "[Errno 2] No such file or directory: 'x'" names no fix (a mistyped --config, say)
+            message = (
+                f"{error.filename} does not exist (relative paths start at {os.getcwd()}). Check the path, or the "
+                "option that gave it."
+            )
         print(f"{prog}: error: {message or type(error).__name__}", file=sys.stderr, flush=True)
         sys.exit(1)
 

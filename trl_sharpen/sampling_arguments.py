@@ -127,6 +127,11 @@ INHERITED_RANGES = {
     "gradient_accumulation_steps": (">= 1", lambda v: v >= 1, "Use 1 for no accumulation."),
     "per_device_train_batch_size": (">= 1", lambda v: v >= 1, "Set the prompts per device and step, e.g. 8."),
     "per_device_eval_batch_size": (">= 1", lambda v: v >= 1, "Set it, e.g. 8."),
+    # 0 saved nothing and evaluated every logging_steps (transformers reads 0 as unset), with exit code 0
+    "save_steps": ("> 0", lambda v: v > 0, "Give steps between checkpoints (or a fraction < 1 of the run), or set "
+                   "save_strategy: no."),
+    "eval_steps": ("> 0", lambda v: v > 0, "Give steps between evaluations (or a fraction < 1 of the run), or leave "
+                   "it unset for logging_steps."),
 }
 
 

@@ -69,7 +69,8 @@ class SelfRewardRLArguments:
         self._check_sampling()
 
     def _check_sampling(self) -> None:
-        """TRL's sampling fields, checked before the model loads. None is refused where transformers would fill in
+        """TRL's sampling fields, checked before the model loads (temperature: `check_finite_numbers`, for every
+        config). None is refused where transformers would fill in
         its own default: a GenerationConfig's top_k=None samples with top_k=50, not from pi."""
         top_k = getattr(self, "top_k", 0)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -77,9 +78,6 @@ class SelfRewardRLArguments:
                 f"top_k={top_k!r}: give an integer >= 0; 0 turns top-k sampling off (None would let transformers "
                 "sample with its default top_k=50, not from pi)."
             )
-        temperature = getattr(self, "temperature", 1.0)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < 1e6:
-            raise ValueError(f"temperature={temperature!r} must be a positive number (1.0 samples from pi itself).")
         top_p = getattr(self, "top_p", 1.0)
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p={top_p!r} must be in (0, 1]; 1.0 turns nucleus sampling off.")
